@@ -1,0 +1,46 @@
+r"""BAGEL-7B-MoT: the released shapes (Qwen2.5-7B LLM with two experts, SigLIP so400m/14, FLUX VAE).
+
+Parameter count only (no allocation):
+
+  python -m unijax.main --config=configs/bagel_7b_mot.py --workdir=/tmp/bagel \
+      --config.dry_run=True
+
+Shapes follow the official `llm_config.json` / `vit_config.json` of ByteDance-Seed/BAGEL-7B-MoT:
+hidden 3584, 28 layers, 28 query / 4 KV heads of 128, SwiGLU 18944, vocab 152064, RoPE theta 1e6,
+RMSNorm eps 1e-6, QK-norm on, untied LM head; 26 SigLIP layers are used (vit_select_layer=-2);
+latent patch 2 over the 16-channel FLUX latent, max_latent_size 64 (1024 px).
+`get_config("runlocal")` keeps the structure but shrinks everything to a CPU smoke test.
+"""
+
+import ml_collections
+
+from configs import base
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """Returns the BAGEL-7B-MoT config; `arg="runlocal"` gives a CPU-sized variant."""
+    c = base.get_base_config()
+    c.model.vit = base.siglip_so400m_vit()
+    c.model.vae = base.flux_vae()
+    c.model.llm.remat_policy = "full"
+    c.attention.impl = "auto"
+    # Tokens per row, as BAGEL's `max_num_tokens` 36864 split by expert.
+    c.data.batch_size = 256
+    c.data.und_capacity = 20480
+    c.data.gen_capacity = 16384
+    c.mesh.data = 1
+    c.mesh.fsdp = -1
+    c.mesh.tensor = 1
+
+    if arg == "runlocal":
+        llm = c.model.llm
+        llm.hidden_size, llm.num_layers, llm.num_heads, llm.num_kv_heads = 64, 2, 4, 2
+        llm.head_dim, llm.intermediate_size, llm.vocab_size = 16, 128, 512
+        c.model.vit.hidden_size, c.model.vit.num_layers = 32, 2
+        c.model.vit.num_heads, c.model.vit.intermediate_size = 2, 64
+        c.model.vae.base_channels, c.model.vae.channel_mult = 32, (1, 2)
+        c.model.vae.norm_groups = 8
+        c.data.batch_size, c.data.und_capacity, c.data.gen_capacity = 8, 512, 256
+        c.data.max_vit_patches, c.data.vit_image_size, c.data.vae_image_size = 256, 224, 256
+        c.train.steps = 2
+    return c

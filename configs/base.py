@@ -1,0 +1,134 @@
+"""Shared defaults of every unijax config: one documented place for each knob.
+
+A config file builds on `get_base_config()` and changes what differs. Sections:
+    model       the unified model: `llm` (MoT decoder), `vit` (or None), `vae` (or None), connectors
+    attention   which attention backend and its block sizes
+    data        packed-row capacities, batch size, datasets
+    train       optimisation and losses
+    checkpoint  Orbax checkpointing
+    mesh        device mesh shape and the logical-axis -> mesh-axis rules
+
+`unijax.config.validate(config)` checks a finished config before anything compiles.
+"""
+
+import ml_collections
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+    """Returns the defaults (unlocked, so a config file can add and change fields)."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    # Build the model from abstract shapes only, print the parameter count and exit.
+    c.dry_run = False
+
+    # --- model -------------------------------------------------------------------------------
+    c.model = ml_collections.ConfigDict()
+    c.model.dtype = "bfloat16"  # activations / compute
+    c.model.param_dtype = "float32"  # master weights
+
+    llm = c.model.llm = ml_collections.ConfigDict()
+    llm.vocab_size = 152064
+    llm.hidden_size = 3584
+    llm.num_layers = 28
+    llm.num_heads = 28
+    llm.num_kv_heads = 4
+    llm.head_dim = 128
+    llm.intermediate_size = 18944
+    llm.rope_theta = 1e6
+    llm.rms_norm_eps = 1e-6
+    llm.qk_norm = True
+    llm.qkv_bias = True
+    llm.tie_embeddings = False
+    # 1: dense Transfusion-style model; 2: MoT (und expert: text + ViT, gen expert: VAE latents).
+    llm.num_experts = 2
+    # LlamaFusion / BAGEL `freeze_und`: the und expert gets no update and no optimizer state.
+    llm.freeze_und_expert = False
+    # BAGEL `copy_init_moe`: the gen expert starts as a copy of the und expert.
+    llm.init_gen_from_und = True
+    llm.scan_layers = True
+    llm.remat_policy = "none"  # none | full | save_dots
+
+    c.model.vit = None  # a ConfigDict (see configs/bagel_7b_mot.py) or None: no understanding tower
+    c.model.vae = None  # a ConfigDict or None: generate in pixel space (patches of raw pixels)
+    # Side of the square table of 2D latent positions (BAGEL: 64 -> 1024 px images with a VAE).
+    c.model.max_latent_size = 64
+    # Latent tokens are latent_patch_size x latent_patch_size patches of the VAE latent (or of
+    # pixels when vae is None).
+    c.model.latent_patch_size = 2
+    c.model.latent_channels = 16  # VAE latent channels (3 when vae is None: pixels)
+
+    # --- attention ---------------------------------------------------------------------------
+    c.attention = ml_collections.ConfigDict()
+    c.attention.impl = "xla"  # xla | auto | pallas_tpu | pallas_gpu | cudnn
+    c.attention.chunk_size = 512  # key chunk of the xla reference (memory O(L * chunk))
+
+    # --- data --------------------------------------------------------------------------------
+    c.data = ml_collections.ConfigDict()
+    c.data.batch_size = 8  # global rows per step
+    # Expert-major rows: [und tokens | gen tokens]. und holds text + ViT tokens, gen VAE latents.
+    c.data.und_capacity = 16384
+    c.data.gen_capacity = 16384
+    c.data.max_vit_patches = 8192  # ViT patches per row (NaViT packed)
+    c.data.max_vae_images = 8  # VAE images per row
+    c.data.vae_image_size = 1024  # pixels, side of the largest VAE image (resolution bucket)
+    c.data.vit_image_size = 980  # pixels, longest side of a ViT image
+
+    # --- training ----------------------------------------------------------------------------
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 500_000
+    c.train.lr = 1e-4
+    c.train.warmup_steps = 2000
+    c.train.b1 = 0.9
+    c.train.b2 = 0.95
+    c.train.eps = 1e-15
+    c.train.weight_decay = 0.0
+    c.train.grad_clip = 1.0
+    c.train.ema_decay = 0.9999
+    c.train.ce_weight = 1.0
+    c.train.mse_weight = 1.0
+    c.train.timestep_shift = 1.0
+    c.train.log_every = 10
+
+    # --- checkpointing -----------------------------------------------------------------------
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every_steps = 1000
+    c.checkpoint.max_to_keep = 3
+
+    # --- mesh --------------------------------------------------------------------------------
+    # Axis sizes; -1 takes every device the other axes leave. Their product must equal the number
+    # of devices.
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1
+    c.mesh.fsdp = 1
+    c.mesh.tensor = 1
+    return c
+
+
+def siglip_so400m_vit() -> ml_collections.ConfigDict:
+    """SigLIP so400m/14 as BAGEL uses it: 26 of its 27 layers (`vit_select_layer=-2`)."""
+    v = ml_collections.ConfigDict()
+    v.hidden_size = 1152
+    v.num_layers = 26
+    v.num_heads = 16
+    v.intermediate_size = 4304
+    v.patch_size = 14
+    v.max_grid = 70  # side of the learned 2D position table (70 x 70 = 4900 entries)
+    v.layer_norm_eps = 1e-6
+    v.position_mode = "extrapolate"  # extrapolate | interpolate (to each image's patch grid)
+    return v
+
+
+def flux_vae() -> ml_collections.ConfigDict:
+    """The FLUX autoencoder (`ae.safetensors`): 8x downsample, 16 latent channels."""
+    v = ml_collections.ConfigDict()
+    v.in_channels = 3
+    v.latent_channels = 16
+    v.base_channels = 128
+    v.channel_mult = (1, 2, 4, 4)
+    v.num_res_blocks = 2
+    v.norm_groups = 32
+    v.norm_eps = 1e-6
+    v.scaling_factor = 0.3611
+    v.shift_factor = 0.1159
+    v.sample_posterior = True  # BAGEL encodes by sampling the posterior, not its mean
+    return v

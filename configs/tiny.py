@@ -1,0 +1,55 @@
+r"""Tiny unified model on the embedded worlds: the CPU default, trains in minutes on a laptop.
+
+  python -m unijax.main --config=configs/tiny.py --workdir=/tmp/tiny
+
+Two-expert MoT of 4 layers at width 128 with a 2-layer ViT on 32 px images; no VAE: images are
+generated in pixel space as 4x4 RGB patches (48 features per token). The vocabulary is the
+built-in byte-level tokenizer's (256 bytes + special tokens).
+"""
+
+import ml_collections
+
+from configs import base
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """Returns the tiny CPU config (no variants yet; `arg` is accepted for uniformity)."""
+    del arg
+    c = base.get_base_config()
+    c.model.dtype = "float32"
+
+    llm = c.model.llm
+    llm.vocab_size = 320
+    llm.hidden_size = 128
+    llm.num_layers = 4
+    llm.num_heads = 4
+    llm.num_kv_heads = 2
+    llm.head_dim = 32
+    llm.intermediate_size = 384
+    llm.rope_theta = 10_000.0
+
+    vit = c.model.vit = base.siglip_so400m_vit()
+    vit.hidden_size, vit.num_layers, vit.num_heads, vit.intermediate_size = 64, 2, 4, 128
+    vit.patch_size, vit.max_grid = 4, 16
+
+    c.model.vae = None
+    c.model.latent_channels = 3
+    c.model.latent_patch_size = 4
+    c.model.max_latent_size = 16
+
+    c.attention.chunk_size = 128
+    c.data.batch_size = 8
+    c.data.und_capacity = 256
+    c.data.gen_capacity = 128
+    c.data.max_vit_patches = 128
+    c.data.max_vae_images = 2
+    c.data.vae_image_size = 32
+    c.data.vit_image_size = 32
+
+    c.train.steps = 300
+    c.train.lr = 1e-3
+    c.train.warmup_steps = 20
+    c.train.ema_decay = 0.99
+    c.train.log_every = 20
+    c.checkpoint.every_steps = 100
+    return c

@@ -1,0 +1,189 @@
+"""Config validation: reject a bad combination before anything is built or compiled.
+
+Every error names the config field and the value that was given. `validate` collects all
+problems and raises one `ConfigError` listing them, so a user fixes a config in one pass.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import ml_collections
+
+ATTENTION_IMPLS = ("xla", "auto", "pallas_tpu", "pallas_gpu", "cudnn")
+REMAT_POLICIES = ("none", "full", "save_dots")
+DTYPES = ("float32", "bfloat16", "float16")
+MESH_AXES = ("data", "fsdp", "tensor")
+VAE_DOWNSAMPLE = 8  # fixed by the FLUX autoencoder layout
+
+
+class ConfigError(ValueError):
+    """A config that cannot work; the message lists every offending field."""
+
+
+def mesh_shape(mesh: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
+    """Resolves the mesh axis sizes (one may be -1: "all devices the others leave").
+
+    Raises:
+      ConfigError: if the sizes cannot cover exactly `num_devices` devices.
+    """
+    sizes = {axis: int(mesh[axis]) for axis in MESH_AXES}
+    free = [axis for axis, size in sizes.items() if size == -1]
+    bad = [f"config.mesh.{a}={s}" for a, s in sizes.items() if s == 0 or s < -1]
+    if bad:
+        raise ConfigError(f"mesh axis sizes must be positive or -1, got {', '.join(bad)}")
+    if len(free) > 1:
+        raise ConfigError(f"at most one mesh axis may be -1, got {free}")
+    fixed = math.prod(s for s in sizes.values() if s != -1)
+    if free:
+        if num_devices % fixed:
+            raise ConfigError(
+                f"the fixed mesh axes ({fixed} devices) do not divide the {num_devices} devices "
+                f"available, so config.mesh.{free[0]}=-1 cannot be resolved"
+            )
+        sizes[free[0]] = num_devices // fixed
+    elif fixed != num_devices:
+        raise ConfigError(
+            f"config.mesh {sizes} covers {fixed} devices but {num_devices} are available"
+        )
+    return sizes
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
+    """Checks a finished config; raises ConfigError naming every bad field.
+
+    Args:
+      config: a config built by a file under `configs/`.
+      num_devices: when given, the mesh is checked against this many devices too.
+    """
+    errors: list[str] = []
+
+    def check(ok: bool, message: str | Callable[[], str]) -> None:
+        if not ok:
+            errors.append(message() if callable(message) else message)
+
+    llm = config.model.llm
+    for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
+                 "head_dim", "intermediate_size"):
+        check(llm[name] > 0, f"config.model.llm.{name} must be positive, got {llm[name]}")
+    check(llm.num_kv_heads > 0 and llm.num_heads % llm.num_kv_heads == 0,
+          f"config.model.llm.num_heads={llm.num_heads} must be a multiple of "
+          f"config.model.llm.num_kv_heads={llm.num_kv_heads} (grouped-query attention)")
+    check(llm.num_experts in (1, 2),
+          f"config.model.llm.num_experts must be 1 (dense) or 2 (MoT), got {llm.num_experts}")
+    check(not (llm.freeze_und_expert and llm.num_experts == 1),
+          "config.model.llm.freeze_und_expert=True needs num_experts=2: with one expert it "
+          "would freeze the whole decoder")
+    check(llm.remat_policy in REMAT_POLICIES,
+          f"config.model.llm.remat_policy must be one of {REMAT_POLICIES}, "
+          f"got {llm.remat_policy!r}")
+    check(llm.rope_theta > 0, f"config.model.llm.rope_theta must be positive, got {llm.rope_theta}")
+    for name in ("dtype", "param_dtype"):
+        check(config.model[name] in DTYPES,
+              f"config.model.{name} must be one of {DTYPES}, got {config.model[name]!r}")
+    check(config.attention.impl in ATTENTION_IMPLS,
+          f"config.attention.impl must be one of {ATTENTION_IMPLS}, "
+          f"got {config.attention.impl!r}")
+    check(config.attention.chunk_size > 0,
+          f"config.attention.chunk_size must be positive, got {config.attention.chunk_size}")
+
+    _validate_vision(config, check)
+    _validate_data(config, check)
+
+    train = config.train
+    check(train.steps > 0, f"config.train.steps must be positive, got {train.steps}")
+    check(train.lr >= 0, f"config.train.lr must be >= 0, got {train.lr}")
+    check(train.warmup_steps >= 0,
+          f"config.train.warmup_steps must be >= 0, got {train.warmup_steps}")
+    check(0 <= train.ema_decay < 1, f"config.train.ema_decay must be in [0, 1), got "
+          f"{train.ema_decay}")
+    check(train.timestep_shift > 0,
+          f"config.train.timestep_shift must be positive, got {train.timestep_shift}")
+    check(train.ce_weight >= 0 and train.mse_weight >= 0,
+          f"config.train.ce_weight and mse_weight must be >= 0, got {train.ce_weight} and "
+          f"{train.mse_weight}")
+
+    _validate_mesh(config, num_devices, check, errors)
+    if errors:
+        raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))
+
+
+def _validate_vision(config, check) -> None:
+    model, data = config.model, config.data
+    vit = model.vit
+    if vit is not None:
+        check(vit.hidden_size % vit.num_heads == 0,
+              f"config.model.vit.hidden_size={vit.hidden_size} is not divisible by "
+              f"config.model.vit.num_heads={vit.num_heads}")
+        check(vit.position_mode in ("extrapolate", "interpolate"),
+              f"config.model.vit.position_mode must be 'extrapolate' or 'interpolate', got "
+              f"{vit.position_mode!r}")
+        side = data.vit_image_size // vit.patch_size
+        check(data.vit_image_size % vit.patch_size == 0,
+              f"config.data.vit_image_size={data.vit_image_size} is not a multiple of "
+              f"config.model.vit.patch_size={vit.patch_size}")
+        check(vit.position_mode == "interpolate" or side <= vit.max_grid,
+              f"config.data.vit_image_size={data.vit_image_size} gives {side} patches per side, "
+              f"more than config.model.vit.max_grid={vit.max_grid} (use position_mode="
+              f"'interpolate' or smaller images)")
+        check(data.max_vit_patches >= side * side,
+              f"config.data.max_vit_patches={data.max_vit_patches} cannot hold one "
+              f"{data.vit_image_size}px image ({side * side} patches)")
+        check(data.und_capacity >= side * side + 2,
+              f"config.data.und_capacity={data.und_capacity} cannot hold one "
+              f"{data.vit_image_size}px ViT image ({side * side} tokens + 2 markers)")
+
+    downsample = VAE_DOWNSAMPLE if model.vae is not None else 1
+    if model.vae is not None:
+        check(model.vae.latent_channels == model.latent_channels,
+              f"config.model.vae.latent_channels={model.vae.latent_channels} differs from "
+              f"config.model.latent_channels={model.latent_channels}")
+    else:
+        check(model.latent_channels == 3,
+              f"config.model.latent_channels must be 3 (RGB pixels) when config.model.vae is "
+              f"None, got {model.latent_channels}")
+    cell = downsample * model.latent_patch_size
+    check(data.vae_image_size % cell == 0,
+          f"config.data.vae_image_size={data.vae_image_size} is not a multiple of {cell} "
+          f"(VAE downsample {downsample} x config.model.latent_patch_size="
+          f"{model.latent_patch_size})")
+    side = data.vae_image_size // cell
+    check(side <= model.max_latent_size,
+          f"config.data.vae_image_size={data.vae_image_size} gives {side} latent tokens per "
+          f"side, more than config.model.max_latent_size={model.max_latent_size}")
+    check(data.gen_capacity >= side * side,
+          f"config.data.gen_capacity={data.gen_capacity} cannot hold one "
+          f"{data.vae_image_size}px VAE image ({side * side} latent tokens)")
+
+
+def _validate_data(config, check) -> None:
+    data = config.data
+    for name in ("batch_size", "und_capacity", "max_vae_images"):
+        check(data[name] > 0, f"config.data.{name} must be positive, got {data[name]}")
+    check(data.gen_capacity >= 0,
+          f"config.data.gen_capacity must be >= 0, got {data.gen_capacity}")
+
+
+def _validate_mesh(config, num_devices, check, errors) -> None:
+    llm, mesh = config.model.llm, config.mesh
+    tensor = int(mesh.tensor)
+    if tensor > 0:
+        for name in ("num_heads", "intermediate_size"):
+            check(llm[name] % tensor == 0,
+                  f"config.model.llm.{name}={llm[name]} is not divisible by "
+                  f"config.mesh.tensor={tensor}")
+        check(llm.num_kv_heads % tensor == 0 or tensor % llm.num_kv_heads == 0,
+              f"config.model.llm.num_kv_heads={llm.num_kv_heads} and config.mesh.tensor="
+              f"{tensor} must divide one another")
+    if num_devices is None:
+        return
+    try:
+        sizes = mesh_shape(mesh, num_devices)
+    except ConfigError as e:
+        errors.append(str(e))
+        return
+    batch_shards = sizes["data"] * sizes["fsdp"]
+    check(config.data.batch_size % batch_shards == 0,
+          f"config.data.batch_size={config.data.batch_size} is not divisible by the "
+          f"{batch_shards} batch shards (config.mesh.data x config.mesh.fsdp)")

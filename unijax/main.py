@@ -1,0 +1,59 @@
+r"""The unijax main job.
+
+  python -m unijax.main --config=configs/tiny.py --workdir=/tmp/tiny [--config.train.steps=5]
+
+Loads and validates the config (before anything compiles), logs to the console and to
+`WORKDIR/log.txt`, builds the device mesh and prints the resolved config.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from unijax import config as config_lib
+from unijax.training import sharding
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Path to a config file under configs/ (`path.py:arg` passes arg).",
+    lock_config=True,
+)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for logs and checkpoints.")
+
+
+def run(config, workdir: str) -> int:
+    """Runs the job described by `config` in `workdir`; returns a process exit code."""
+    os.makedirs(workdir, exist_ok=True)
+    logging.get_absl_handler().use_absl_log_file("log", workdir)
+    logging.info("unijax main: workdir=%s, %d devices (%s), %d process(es)", workdir,
+                 jax.device_count(), jax.devices()[0].platform, jax.process_count())
+    config_lib.validate(config, num_devices=jax.device_count())
+    mesh = sharding.make_mesh(config.mesh)
+    print("resolved config:\n" + str(config), flush=True)
+    print(f"mesh: {dict(mesh.shape)} over {mesh.devices.size} {jax.devices()[0].platform} "
+          "device(s)", flush=True)
+    print("training is not built yet: this job validates the config and builds the mesh.",
+          flush=True)
+    return 0
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if _CONFIG.value is None:
+        raise app.UsageError("--config is required (e.g. --config=configs/tiny.py)")
+    if not _WORKDIR.value:
+        raise app.UsageError("--workdir is required")
+    try:
+        code = run(_CONFIG.value, _WORKDIR.value)
+    except config_lib.ConfigError as e:
+        logging.error("%s", e)
+        raise SystemExit(f"error: {e}") from None
+    raise SystemExit(code)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,1 @@
+"""Training: mesh and sharding rules, flow matching, losses, optimizer, checkpoints, the loop."""

@@ -1,0 +1,93 @@
+"""The device mesh and the one table mapping logical axis names to mesh axes.
+
+Every parameter and activation is annotated with logical names (`embed`, `mlp`, `heads`, ...);
+`LOGICAL_RULES` maps them to the mesh axes `("data", "fsdp", "tensor")`. A new parallelism
+layout is a change of this table or of the mesh sizes in the config, never of model code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from unijax import config as config_lib
+
+MESH_AXES = config_lib.MESH_AXES
+
+# Logical axis -> mesh axis (or tuple of axes, or None = replicated). First match wins.
+LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("vocab", "tensor"),
+    ("layers", None),
+    ("experts", None),
+    ("norm", None),
+    ("vit_embed", "fsdp"),
+    ("vit_mlp", "tensor"),
+    ("vit_heads", "tensor"),
+    ("patch", None),
+    ("conv_in", None),
+    ("conv_out", None),
+)
+
+
+def make_mesh(
+    mesh_config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None
+) -> Mesh:
+    """Builds the ("data", "fsdp", "tensor") mesh from `config.mesh`.
+
+    Axes are `Auto` (GSPMD-style propagation from annotated inputs and constraints); new jax
+    defaults to `Explicit`, under which FSDP-style weights would need manual all-gathers.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = config_lib.mesh_shape(mesh_config, len(devices))
+    shape = tuple(sizes[axis] for axis in MESH_AXES)
+    if len(devices) == len(jax.devices()) and jax.process_count() == 1:
+        return jax.make_mesh(
+            shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices
+        )
+    return Mesh(
+        np.asarray(devices).reshape(shape), MESH_AXES, axis_types=(AxisType.Auto,) * len(shape)
+    )
+
+
+def logical_to_mesh_spec(
+    logical_axes: Sequence[str | None],
+    rules: Sequence[tuple[str, str | tuple[str, ...] | None]] = LOGICAL_RULES,
+) -> PartitionSpec:
+    """Maps logical axis names to a PartitionSpec, never using a mesh axis twice.
+
+    Raises:
+      KeyError: for a logical name that no rule mentions (a typo in a model annotation).
+    """
+    table = dict(rules)
+    used: set[str] = set()
+    out = []
+    for name in logical_axes:
+        if name is None:
+            out.append(None)
+            continue
+        if name not in table:
+            raise KeyError(
+                f"logical axis {name!r} has no sharding rule; known: {sorted(table)}"
+            )
+        target = table[name]
+        axes = (target,) if isinstance(target, str) else tuple(target or ())
+        axes = tuple(a for a in axes if a not in used)
+        used.update(axes)
+        out.append(axes[0] if len(axes) == 1 else (axes or None))
+    return PartitionSpec(*out)
+
+
+def named_sharding(mesh: Mesh, logical_axes: Sequence[str | None]) -> NamedSharding:
+    """The NamedSharding of an array with these logical axes on `mesh`."""
+    return NamedSharding(mesh, logical_to_mesh_spec(logical_axes))
