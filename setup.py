@@ -17,6 +17,9 @@ _CORE = [
     "optax>=0.2.4",
     "orbax-checkpoint>=0.11.20",
     "pillow>=10.0",
+    "scikit-learn>=1.5",
+    "scipy>=1.11",
+    "tensorboardX>=2.6",
     "tensorflow-datasets>=4.9.7",
 ]
 
@@ -27,7 +30,6 @@ _TEST = [
     "nbmake>=1.5",
     "ipykernel>=6.29",
     "scikit-image>=0.24",
-    "scikit-learn>=1.5",
     "safetensors>=0.4",
 ]
 
