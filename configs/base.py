@@ -61,6 +61,12 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.attention = ml_collections.ConfigDict()
     c.attention.impl = "xla"  # xla | auto | pallas_tpu | pallas_gpu | cudnn
     c.attention.chunk_size = 512  # key chunk of the xla reference (memory O(L * chunk))
+    # Tiles of the Pallas kernels (query x key tokens), forward and backward; 0: the platform's
+    # default (TPU 512 x 512 / 256 x 256, GPU 128 x 64 / 64 x 64). Row lengths must be multiples.
+    c.attention.block_q = 0
+    c.attention.block_kv = 0
+    c.attention.block_q_bwd = 0
+    c.attention.block_kv_bwd = 0
 
     # --- data --------------------------------------------------------------------------------
     c.data = ml_collections.ConfigDict()
@@ -72,6 +78,20 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.data.max_vae_images = 8  # VAE images per row
     c.data.vae_image_size = 1024  # pixels, side of the largest VAE image (resolution bucket)
     c.data.vit_image_size = 980  # pixels, longest side of a ViT image
+    # Short-side minimums (BAGEL: ImageTransform(980, 224, 14) for ViT, (1024, 512, 16) for VAE).
+    c.data.vit_min_image_size = 224
+    c.data.vae_min_image_size = 512
+    c.data.max_image_pixels = 64 * 1024 * 1024  # decode limit; larger images are skipped
+    c.data.overlong = "truncate"  # truncate | drop: a document larger than an empty row
+    c.data.tokenizer = "byte"  # "byte" (built-in) or a local HF tokenizer (dir or tokenizer.json)
+    c.data.shuffle = True
+    c.data.num_epochs = 0  # 0: repeat forever (training); n: stop after n passes (evals, tests)
+    c.data.num_workers = 0  # Grain multiprocessing workers (0: decode in this process)
+    c.data.read_threads = 4  # threads per worker that fetch and decode records
+    c.data.prefetch_buffer_size = 16  # records buffered per worker
+    c.data.worker_buffer_size = 2  # packed batches buffered per worker
+    # The mixture: name -> data_source(...) (see below); weights are relative sampling rates.
+    c.data.datasets = ml_collections.ConfigDict()
 
     # --- training ----------------------------------------------------------------------------
     c.train = ml_collections.ConfigDict()
@@ -132,3 +152,33 @@ def flux_vae() -> ml_collections.ConfigDict:
     v.shift_factor = 0.1159
     v.sample_posterior = True  # BAGEL encodes by sampling the posterior, not its mean
     return v
+
+
+def data_source(paths: str, weight: float = 1.0, **plan_options) -> ml_collections.ConfigDict:
+    """One entry of `config.data.datasets`: ArrayRecord shards, a mixture weight, plan options.
+
+    Args:
+      paths: a glob or comma-separated globs of `.array_record` shards (unijax.data.records).
+      weight: relative sampling rate in the mixture.
+      **plan_options: overrides of `unijax.data.plan.PlanOptions` (defaults below, BAGEL's).
+    """
+    d = ml_collections.ConfigDict()
+    d.paths = paths
+    d.weight = weight
+    # Classifier-free guidance: drop conditions of generation targets (BAGEL 0.1 / 0.3 / 0.3).
+    d.text_cond_dropout = 0.1
+    d.vit_cond_dropout = 0.3
+    d.vae_cond_dropout = 0.3
+    d.context_text_loss = True  # CE loss on interleaved document text
+    d.interleaved_images = "generate"  # generate (noisy VAE -> clean VAE -> ViT) | understand
+    d.video_noise = "shared"  # shared: one flow time per clip | independent: per frame
+    d.video_context_frames = 1  # leading frames given as clean VAE conditioning
+    d.video_captions = True  # interleave per-frame captions of what changed
+    d.video_caption_loss = False
+    d.max_video_frames = 16
+    d.video_frame_size = 0  # pixels, long side of a video frame (0: config.data.vae_image_size)
+    for key, value in plan_options.items():
+        if key not in d:
+            raise KeyError(f"data_source: unknown plan option {key!r}; known: {sorted(d)}")
+        d[key] = value
+    return d

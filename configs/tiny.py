@@ -45,6 +45,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.max_vae_images = 2
     c.data.vae_image_size = 32
     c.data.vit_image_size = 32
+    c.data.vit_min_image_size = 16
+    c.data.vae_min_image_size = 16
 
     c.train.steps = 300
     c.train.lr = 1e-3

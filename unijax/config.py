@@ -50,6 +50,19 @@ def mesh_shape(mesh: ml_collections.ConfigDict, num_devices: int) -> dict[str, i
     return sizes
 
 
+def vae_downsample(model: ml_collections.ConfigDict) -> int:
+    """Pixels per latent cell side of `config.model`'s VAE: 2^(levels - 1) (FLUX: 8); 1 without
+    a VAE (pixel space)."""
+    if model.vae is None:
+        return 1
+    return 2 ** (len(model.vae.channel_mult) - 1)
+
+
+def latent_cell(model: ml_collections.ConfigDict) -> int:
+    """Pixels per latent-token side: VAE downsample x `latent_patch_size` (FLUX + 2x2: 16)."""
+    return vae_downsample(model) * model.latent_patch_size
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
     """Checks a finished config; raises ConfigError naming every bad field.
 
@@ -87,6 +100,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
           f"got {config.attention.impl!r}")
     check(config.attention.chunk_size > 0,
           f"config.attention.chunk_size must be positive, got {config.attention.chunk_size}")
+    for name in ("block_q", "block_kv", "block_q_bwd", "block_kv_bwd"):
+        block = config.attention.get(name, 0)
+        check(block >= 0 and block % 8 == 0,
+              f"config.attention.{name} must be 0 (platform default) or a positive multiple of "
+              f"8, got {block}")
 
     _validate_vision(config, check)
     _validate_data(config, check)
@@ -134,8 +152,19 @@ def _validate_vision(config, check) -> None:
               f"config.data.und_capacity={data.und_capacity} cannot hold one "
               f"{data.vit_image_size}px ViT image ({side * side} tokens + 2 markers)")
 
-    downsample = VAE_DOWNSAMPLE if model.vae is not None else 1
+    downsample = vae_downsample(model)
+    check(model.llm.hidden_size % 4 == 0,
+          f"config.model.llm.hidden_size={model.llm.hidden_size} must be a multiple of 4 (the 2D "
+          "sin-cos position embeddings of ViT and latent tokens)")
     if model.vae is not None:
+        vae = model.vae
+        check(len(vae.channel_mult) >= 1 and all(m > 0 for m in vae.channel_mult),
+              f"config.model.vae.channel_mult must be a non-empty tuple of positive ints, got "
+              f"{vae.channel_mult}")
+        widths = [vae.base_channels * m for m in vae.channel_mult]
+        check(vae.norm_groups > 0 and all(w % vae.norm_groups == 0 for w in widths),
+              f"config.model.vae.norm_groups={vae.norm_groups} must divide every level width "
+              f"{widths} (base_channels x channel_mult)")
         check(model.vae.latent_channels == model.latent_channels,
               f"config.model.vae.latent_channels={model.vae.latent_channels} differs from "
               f"config.model.latent_channels={model.latent_channels}")
@@ -163,6 +192,52 @@ def _validate_data(config, check) -> None:
         check(data[name] > 0, f"config.data.{name} must be positive, got {data[name]}")
     check(data.gen_capacity >= 0,
           f"config.data.gen_capacity must be >= 0, got {data.gen_capacity}")
+    if "datasets" in data:
+        _validate_datasets(data, check)
+
+
+DATA_OVERLONG = ("truncate", "drop")
+DATA_INTERLEAVED_IMAGES = ("generate", "understand")
+DATA_VIDEO_NOISE = ("shared", "independent")
+
+
+def _validate_datasets(data, check) -> None:
+    """The input pipeline's fields and every `config.data.datasets.<name>` entry."""
+    check(data.get("overlong", "truncate") in DATA_OVERLONG,
+          f"config.data.overlong must be one of {DATA_OVERLONG}, got {data.get('overlong')!r}")
+    for name in ("num_workers", "num_epochs", "vit_min_image_size", "vae_min_image_size"):
+        if name in data:
+            check(data[name] >= 0, f"config.data.{name} must be >= 0, got {data[name]}")
+    for name in ("read_threads", "prefetch_buffer_size", "worker_buffer_size",
+                 "max_image_pixels"):
+        if name in data:
+            check(data[name] > 0, f"config.data.{name} must be positive, got {data[name]}")
+    for ds_name, ds in data.datasets.items():
+        field = f"config.data.datasets.{ds_name}"
+        if not hasattr(ds, "get"):
+            check(False, f"{field} must be a ConfigDict (configs.base.data_source), got {ds!r}")
+            continue
+        paths = ds.get("paths")
+        check(isinstance(paths, str) and paths.strip() != "",
+              f"{field}.paths must be a non-empty glob string, got {paths!r}")
+        weight = ds.get("weight", 1.0)
+        check(isinstance(weight, int | float) and weight > 0,
+              f"{field}.weight must be positive, got {weight!r}")
+        for name in ("text_cond_dropout", "vit_cond_dropout", "vae_cond_dropout"):
+            if name in ds:
+                check(0.0 <= ds[name] <= 1.0, f"{field}.{name} must be in [0, 1], got {ds[name]}")
+        check(ds.get("interleaved_images", "generate") in DATA_INTERLEAVED_IMAGES,
+              f"{field}.interleaved_images must be one of {DATA_INTERLEAVED_IMAGES}, got "
+              f"{ds.get('interleaved_images')!r}")
+        check(ds.get("video_noise", "shared") in DATA_VIDEO_NOISE,
+              f"{field}.video_noise must be one of {DATA_VIDEO_NOISE}, got "
+              f"{ds.get('video_noise')!r}")
+        check(ds.get("max_video_frames", 1) >= 1,
+              f"{field}.max_video_frames must be >= 1, got {ds.get('max_video_frames')}")
+        check(ds.get("video_context_frames", 0) >= 0,
+              f"{field}.video_context_frames must be >= 0, got {ds.get('video_context_frames')}")
+        check(ds.get("video_frame_size", 0) >= 0,
+              f"{field}.video_frame_size must be >= 0, got {ds.get('video_frame_size')}")
 
 
 def _validate_mesh(config, num_devices, check, errors) -> None:

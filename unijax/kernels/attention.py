@@ -4,7 +4,19 @@ The mask is computed from per-token metadata (`kernels/mask.py`), never passed a
 array. Backends (`impl=`):
   xla         reference: online softmax over key chunks with a flash-style custom VJP, so
               forward and backward memory is O(L * chunk) per head; runs everywhere.
-Further backends (Pallas TPU / GPU, cuDNN) plug into `_BACKENDS`.
+  pallas_tpu  Mosaic flash kernels with the mask evaluated in-kernel from the metadata and
+              block sparsity from a scalar-prefetched schedule (`kernels/pallas_tpu.py`).
+  pallas_gpu  the same through Triton-lowered Pallas (`kernels/pallas_gpu.py`).
+  cudnn       cuDNN flash attention (`jax.nn.dot_product_attention`) with the mask given as a
+              dense [B, 1, Lq, Lk] boolean built from the metadata: exact for every layout, but
+              O(B Lq Lk) memory and no block skipping, so for short rows and comparisons.
+              cuDNN alone has no packed bidirectional-span mask; use pallas_gpu for long rows.
+  auto        pallas_tpu on TPU, pallas_gpu on GPU, xla on CPU (jax.default_backend()).
+The Pallas kernels tile the sequence in blocks (`block_q`, `block_kv`, and `block_q_bwd`,
+`block_kv_bwd` for the backward; None: the backend's default); the lengths must be multiples
+of the blocks. `shard=(batch_axes, head_axes)` runs them under `jax.shard_map` over the mesh
+set by `jax.set_mesh` (or `mesh=`), rows and heads split as named, since XLA cannot
+partition a Pallas call itself; `interpret=True` runs the kernels in the Pallas interpreter.
 
 Shapes: q [B, Lq, H, D]; k, v [B, Lk, Hkv, D] with H a multiple of Hkv (grouped-query
 attention, K/V never repeated in memory); output [B, Lq, H, D] in q's dtype. Softmax and
@@ -19,6 +31,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 from einops import rearrange
+from jax.sharding import PartitionSpec as P
 
 from unijax.batch import TokenMeta
 from unijax.kernels import mask as mask_lib
@@ -34,6 +47,13 @@ def attention(
     impl: str = "xla",
     scale: float | None = None,
     chunk_size: int = 512,
+    block_q: int | None = None,
+    block_kv: int | None = None,
+    block_q_bwd: int | None = None,
+    block_kv_bwd: int | None = None,
+    interpret: bool = False,
+    shard: tuple | None = None,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> jax.Array:
     """Masked multi-head attention over packed rows.
 
@@ -45,6 +65,12 @@ def attention(
       impl: backend name (see module docstring).
       scale: logit scale (default 1/sqrt(D)).
       chunk_size: key chunk of the xla backend.
+      block_q, block_kv: forward tile of the Pallas backends (None or 0: per-platform default).
+      block_q_bwd, block_kv_bwd: backward tile of the Pallas backends (likewise).
+      interpret: run the Pallas kernels in the interpreter (CPU tests).
+      shard: (batch mesh axes, head mesh axes) of q/k/v, e.g. (("data", "fsdp"), "tensor"):
+        the Pallas and cuDNN backends then run per shard under `jax.shard_map`.
+      mesh: the mesh for `shard` (default: the one set by `jax.set_mesh`).
 
     Returns:
       [B, Lq, H, D] attention output.
@@ -54,10 +80,56 @@ def attention(
     if k.shape != v.shape or k.shape[0] != b or k.shape[3] != d or h % k.shape[2]:
         raise ValueError(f"attention: q {q.shape} / k {k.shape} / v {v.shape} are not "
                          "[B, Lq, H, D] / [B, Lk, Hkv, D] with H a multiple of Hkv")
+    if impl == "auto":
+        impl = resolve_auto()
     if impl not in _BACKENDS:
-        raise ValueError(f"attention: unknown impl {impl!r}; known: {sorted(_BACKENDS)}")
+        raise ValueError(f"attention: unknown impl {impl!r}; known: {sorted(_BACKENDS)} "
+                         "or 'auto'")
     scale = d**-0.5 if scale is None else float(scale)
-    return _BACKENDS[impl](q, k, v, q_meta, kv_meta, scale=scale, chunk_size=chunk_size)
+    if impl == "xla":
+        return _xla(q, k, v, q_meta, kv_meta, scale=scale, chunk_size=chunk_size)
+    blocks = {name: value for name, value in (("block_q", block_q), ("block_kv", block_kv),
+                                              ("block_q_bwd", block_q_bwd),
+                                              ("block_kv_bwd", block_kv_bwd)) if value}
+    fn = functools.partial(_BACKENDS[impl], scale=scale, interpret=interpret, **blocks)
+    if shard is not None:
+        fn = _shard_mapped(fn, shard, mesh, k.shape[2])
+    return fn(q, k, v, q_meta, kv_meta)
+
+
+def resolve_auto(platform: str | None = None) -> str:
+    """The backend `impl="auto"` picks for a platform (default: jax.default_backend())."""
+    platform = jax.default_backend() if platform is None else platform
+    return {"tpu": "pallas_tpu", "gpu": "pallas_gpu", "cuda": "pallas_gpu",
+            "rocm": "pallas_gpu"}.get(platform, "xla")
+
+
+def kwargs_from_config(attention_config) -> dict:
+    """`config.attention` -> keyword arguments of `attention` (impl, chunk size, blocks)."""
+    keys = ("impl", "chunk_size", "block_q", "block_kv", "block_q_bwd", "block_kv_bwd")
+    return {key: attention_config[key] for key in keys if key in attention_config}
+
+
+def _shard_mapped(fn: Callable, shard: tuple, mesh, num_kv_heads: int) -> Callable:
+    """Runs fn(q, k, v, q_meta, kv_meta) per (row shard, head shard) with jax.shard_map."""
+    if len(shard) != 2:
+        raise ValueError(f"attention: shard must be (batch_axes, head_axes), got {shard!r}")
+    batch_axes, head_axes = shard
+    mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
+    if mesh is None or mesh.empty:
+        raise ValueError("attention: shard= needs a mesh: pass mesh= or use jax.set_mesh(mesh)")
+    if head_axes is not None:
+        names = (head_axes,) if isinstance(head_axes, str) else tuple(head_axes)
+        shards = 1
+        for name in names:
+            shards *= mesh.shape[name]
+        if num_kv_heads % shards:
+            raise ValueError(f"attention: {num_kv_heads} kv heads cannot be split over the "
+                             f"{shards} devices of mesh axes {names}")
+    qkv = P(batch_axes, None, head_axes, None)
+    meta = TokenMeta(*(P(batch_axes, None),) * 4)
+    return jax.shard_map(fn, mesh=mesh, in_specs=(qkv, qkv, qkv, meta, meta), out_specs=qkv,
+                         check_vma=False)
 
 
 # ------------------------------------------------------------------------------------------
@@ -170,4 +242,33 @@ def _flash_bwd_rule(scale, chunk, residuals, d_out):
 
 _flash_xla.defvjp(_flash_fwd_rule, _flash_bwd_rule)
 
-_BACKENDS: dict[str, Callable] = {"xla": _xla}
+# ------------------------------------------------------------------------------------------
+# cuDNN: exact through a dense mask (see module docstring).
+# ------------------------------------------------------------------------------------------
+
+
+def _cudnn(q, k, v, q_meta, kv_meta, *, scale, interpret=False, **_):
+    if interpret:
+        raise ValueError("attention: impl='cudnn' has no interpret mode (needs an NVIDIA GPU)")
+    allowed = mask_lib.dense_mask(q_meta, kv_meta)[:, None]  # [B, 1, Lq, Lk]
+    out = jax.nn.dot_product_attention(q, k, v, mask=allowed, scale=scale,
+                                       implementation="cudnn")
+    # cuDNN averages the values of a row that sees nothing; the contract says zeros.
+    sees_any = allowed.any(-1)[:, 0, :, None, None]  # [B, Lq, 1, 1]
+    return jnp.where(sees_any, out, 0).astype(q.dtype)
+
+
+def _pallas_tpu(q, k, v, q_meta, kv_meta, **kwargs):
+    from unijax.kernels import pallas_tpu
+
+    return pallas_tpu.attention(q, k, v, q_meta, kv_meta, **kwargs)
+
+
+def _pallas_gpu(q, k, v, q_meta, kv_meta, **kwargs):
+    from unijax.kernels import pallas_gpu
+
+    return pallas_gpu.attention(q, k, v, q_meta, kv_meta, **kwargs)
+
+
+_BACKENDS: dict[str, Callable] = {"xla": _xla, "pallas_tpu": _pallas_tpu,
+                                  "pallas_gpu": _pallas_gpu, "cudnn": _cudnn}
