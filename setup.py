@@ -17,10 +17,12 @@ _CORE = [
     "optax>=0.2.4",
     "orbax-checkpoint>=0.11.20",
     "pillow>=10.0",
+    "pyarrow>=15.0",
     "scikit-learn>=1.5",
     "scipy>=1.11",
     "tensorboardX>=2.6",
     "tensorflow-datasets>=4.9.7",
+    "tokenizers>=0.20",
 ]
 
 _TEST = [

