@@ -4,6 +4,9 @@ r"""The unijax main job.
 
 Loads and validates the config (before anything compiles), logs to the console and to
 `WORKDIR/log.txt`, builds the device mesh and prints the resolved config.
+
+With `--config.dry_run=True` it builds the model from abstract shapes only (`nnx.eval_shape`,
+nothing is allocated), prints `parameters: N` with a per-module breakdown and exits.
 """
 
 from __future__ import annotations
@@ -12,9 +15,11 @@ import os
 
 import jax
 from absl import app, flags, logging
+from flax import nnx
 from ml_collections import config_flags
 
 from unijax import config as config_lib
+from unijax.models import mot, param_count
 from unijax.training import sharding
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -35,8 +40,20 @@ def run(config, workdir: str) -> int:
     print("resolved config:\n" + str(config), flush=True)
     print(f"mesh: {dict(mesh.shape)} over {mesh.devices.size} {jax.devices()[0].platform} "
           "device(s)", flush=True)
+    if config.dry_run:
+        return dry_run(config)
     print("training is not built yet: this job validates the config and builds the mesh.",
           flush=True)
+    return 0
+
+
+def dry_run(config) -> int:
+    """Prints the exact parameter count of the MoT decoder from abstract shapes; returns 0."""
+    decoder_config = mot.DecoderConfig.from_config(config)
+    state = param_count.abstract_params(
+        lambda: mot.MoTDecoder(decoder_config, rngs=nnx.Rngs(config.seed)))
+    rows = param_count.count_by_group(state, mot.param_groups(decoder_config))
+    print(param_count.format_breakdown(rows), flush=True)
     return 0
 
 

@@ -1,0 +1,344 @@
+"""The Mixture-of-Transformer-Experts decoder: a Qwen2-style LLM with an und and a gen expert.
+
+Every per-layer weight exists once per expert (BAGEL's `Qwen2MoTDecoderLayer`): input RMSNorm,
+q/k/v/o projections (grouped-query attention; q/k/v biases when `qkv_bias`, none on o),
+per-head QK RMSNorm (`qk_norm`, after the projection and before RoPE), post-attention RMSNorm
+and a SwiGLU MLP; the final norm is per expert too. The token embedding and the LM head are
+shared. One attention runs over all tokens of the row, with the mask computed from the
+PackedBatch metadata by `unijax.kernels.attention`.
+
+Routing is static: rows are expert-major, tokens [0, num_und) belong to the und expert (text,
+ViT tokens, image markers) and [num_und, L) to the gen expert (VAE latents). Each expert's
+weights run on its own slice only, so no FLOP is spent on the other expert's tokens. With
+`num_experts=1` one set of weights (named `und`) runs on the whole row: a dense
+Transfusion-style model.
+
+API (used by `unified.py`):
+
+  cfg = DecoderConfig.from_config(config)           # config.model.llm + dtypes + attention
+  model = MoTDecoder(cfg, rngs=nnx.Rngs(0))         # or MoTDecoder(config, rngs=...)
+  x_und = model.embed(text_ids)                     # [B, L_und] int -> [B, L_und, D]
+  hidden = model(x, positions, meta, num_und)       # x [B, L, D], positions [B, L] int,
+                                                    # meta: TokenMeta [B, L] -> [B, L, D]
+                                                    # (final per-expert norm applied)
+  logits = model.logits(hidden[:, :num_und])        # [B, L_und, D] -> [B, L_und, V]
+  opt = nnx.Optimizer(model, tx, wrt=trainable_filter(cfg))
+  groups = param_groups(cfg)                        # labelled path prefixes for param counts
+
+Parameter tree (N = num_layers; stacked layers carry a leading `layers` axis):
+
+  embed_tokens.embedding                      [V, D]               (vocab, embed)
+  layers.{und,gen}.input_norm.scale           [N, D]               (layers, norm)
+  layers.{und,gen}.q_proj.kernel / .bias      [N, D, H, Dh] / [N, H, Dh]
+  layers.{und,gen}.{k,v}_proj.kernel / .bias  [N, D, Hkv, Dh] / [N, Hkv, Dh]
+  layers.{und,gen}.{q,k}_norm.scale           [N, Dh]              (only with qk_norm)
+  layers.{und,gen}.o_proj.kernel              [N, H, Dh, D]
+  layers.{und,gen}.post_attn_norm.scale       [N, D]
+  layers.{und,gen}.mlp.{gate,up}_proj.kernel  [N, D, M];  mlp.down_proj.kernel [N, M, D]
+  final_norm.{und,gen}.scale                  [D]
+  lm_head.kernel                              [D, V]               (absent with tie_embeddings)
+
+`freeze_und_expert` (BAGEL `freeze_und`, LlamaFusion): the und expert, its final norm, the
+embedding and the LM head are left out of `trainable_filter`, and the und slice's hidden
+states, keys and values are wrapped in `stop_gradient` in every layer, so und activations are
+constants and the backward pass never runs through the und expert. `init_gen_from_und`
+(BAGEL `copy_init_moe`) copies the und weights into the gen expert at construction.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from unijax.batch import TokenMeta
+from unijax.kernels.attention import attention
+from unijax.models.layers import Dense, Embedding, RMSNorm, SwiGLU, apply_rope, rope_cos_sin
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    # Keeps the outputs of the weight matmuls (no batch dims); recomputes attention scores,
+    # norms and activations in the backward pass.
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+EXPERTS = ("und", "gen")
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderConfig:
+    """Static shape and behaviour of the decoder (`config.model.llm` plus dtypes/attention)."""
+
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    rope_theta: float = 1e6
+    rms_norm_eps: float = 1e-6
+    qk_norm: bool = True
+    qkv_bias: bool = True
+    tie_embeddings: bool = False
+    num_experts: int = 2
+    freeze_und_expert: bool = False
+    init_gen_from_und: bool = True
+    scan_layers: bool = True
+    remat_policy: str = "none"
+    dtype: str = "bfloat16"
+    param_dtype: str = "float32"
+    attention_impl: str = "xla"
+    attention_chunk_size: int = 512
+
+    def __post_init__(self):
+        if self.num_experts not in (1, 2):
+            raise ValueError(f"num_experts must be 1 or 2, got {self.num_experts}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads={self.num_heads} is not a multiple of "
+                             f"num_kv_heads={self.num_kv_heads}")
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"remat_policy must be one of {sorted(REMAT_POLICIES)}, got "
+                             f"{self.remat_policy!r}")
+        if self.freeze_und_expert and self.num_experts == 1:
+            raise ValueError("freeze_und_expert=True needs num_experts=2")
+
+    @classmethod
+    def from_config(cls, config: ml_collections.ConfigDict) -> DecoderConfig:
+        """Reads `config.model.llm`, `config.model.{dtype,param_dtype}`, `config.attention`."""
+        llm = config.model.llm
+        names = [f.name for f in dataclasses.fields(cls)]
+        values = {name: llm[name] for name in names if name in llm}
+        return cls(**values, dtype=config.model.dtype, param_dtype=config.model.param_dtype,
+                   attention_impl=config.attention.impl,
+                   attention_chunk_size=config.attention.chunk_size)
+
+    @property
+    def compute_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.dtype)
+
+    @property
+    def weight_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.param_dtype)
+
+
+class ExpertLayer(nnx.Module):
+    """The weights of one expert in one layer, applied to that expert's slice of the row."""
+
+    def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs):
+        d, h, hkv, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        dt = dict(dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype)
+        norm = dict(eps=cfg.rms_norm_eps, **dt)
+        dense = dict(rngs=rngs, **dt)
+        self.input_norm = RMSNorm(d, **norm)
+        self.q_proj = Dense((d,), (h, hd), in_axes=("embed",), out_axes=("heads", "head_dim"),
+                            use_bias=cfg.qkv_bias, **dense)
+        self.k_proj = Dense((d,), (hkv, hd), in_axes=("embed",),
+                            out_axes=("kv_heads", "head_dim"), use_bias=cfg.qkv_bias, **dense)
+        self.v_proj = Dense((d,), (hkv, hd), in_axes=("embed",),
+                            out_axes=("kv_heads", "head_dim"), use_bias=cfg.qkv_bias, **dense)
+        self.q_norm = RMSNorm(hd, **norm) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(hd, **norm) if cfg.qk_norm else None
+        self.o_proj = Dense((h, hd), (d,), in_axes=("heads", "head_dim"), out_axes=("embed",),
+                            use_bias=False, **dense)
+        self.post_attn_norm = RMSNorm(d, **norm)
+        self.mlp = SwiGLU(d, cfg.intermediate_size, rngs=rngs, **dt)
+
+    def qkv(self, x: jax.Array, cos: jax.Array, sin: jax.Array):
+        """x [B, S, D] -> q [B, S, H, Dh], k, v [B, S, Hkv, Dh] (QK-norm, then RoPE)."""
+        h = self.input_norm(x)
+        q, k, v = self.q_proj(h), self.k_proj(h), self.v_proj(h)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def finish(self, x: jax.Array, attn: jax.Array) -> jax.Array:
+        """Residual stream x [B, S, D] and attention output [B, S, H, Dh] -> [B, S, D]."""
+        x = x + self.o_proj(attn)
+        return x + self.mlp(self.post_attn_norm(x))
+
+
+def expert_slices(num_experts: int, num_und: int, length: int) -> list[tuple[str, int, int]]:
+    """The non-empty (expert, start, stop) slices of an expert-major row of `length` tokens."""
+    if not 0 <= num_und <= length:
+        raise ValueError(f"num_und={num_und} outside [0, {length}]")
+    if num_experts == 1:
+        return [("und", 0, length)]
+    spans = [("und", 0, num_und), ("gen", num_und, length)]
+    return [(name, a, b) for name, a, b in spans if b > a]
+
+
+class MoTLayer(nnx.Module):
+    """One decoder layer: per-expert projections and MLPs around one shared attention."""
+
+    def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.und = ExpertLayer(cfg, rngs=rngs)
+        self.gen = ExpertLayer(cfg, rngs=rngs) if cfg.num_experts == 2 else None
+
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, meta: TokenMeta,
+                 num_und: int) -> jax.Array:
+        """x [B, L, D], cos/sin [B, L, Dh] -> [B, L, D]."""
+        cfg = self.cfg
+        slices = expert_slices(cfg.num_experts, num_und, x.shape[1])
+        frozen = {"und": cfg.freeze_und_expert, "gen": False}
+        inputs, qs, ks, vs = [], [], [], []
+        for name, a, b in slices:
+            xe = x[:, a:b]
+            if frozen[name]:
+                xe = jax.lax.stop_gradient(xe)
+            q, k, v = getattr(self, name).qkv(xe, cos[:, a:b], sin[:, a:b])
+            if frozen[name]:
+                # Gen queries attend to und keys/values: stop there so no gradient reaches the
+                # frozen und weights.
+                k, v = jax.lax.stop_gradient(k), jax.lax.stop_gradient(v)
+            inputs.append(xe)
+            qs.append(q)
+            ks.append(k)
+            vs.append(v)
+        cat = lambda parts: parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
+        out = attention(cat(qs), cat(ks), cat(vs), meta, impl=cfg.attention_impl,
+                        chunk_size=cfg.attention_chunk_size)
+        outputs = []
+        for (name, a, b), xe in zip(slices, inputs):
+            y = getattr(self, name).finish(xe, out[:, a:b])
+            outputs.append(jax.lax.stop_gradient(y) if frozen[name] else y)
+        return cat(outputs)
+
+
+class ExpertNorms(nnx.Module):
+    """The final RMSNorm of each expert."""
+
+    def __init__(self, cfg: DecoderConfig):
+        norm = dict(eps=cfg.rms_norm_eps, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype)
+        self.und = RMSNorm(cfg.hidden_size, **norm)
+        self.gen = RMSNorm(cfg.hidden_size, **norm) if cfg.num_experts == 2 else None
+
+
+class MoTDecoder(nnx.Module):
+    """The decoder: embedding, N stacked MoT layers, per-expert final norms, LM head."""
+
+    def __init__(self, config: DecoderConfig | ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+        cfg = config if isinstance(config, DecoderConfig) else DecoderConfig.from_config(config)
+        self.config = cfg
+        dt = dict(dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype)
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, rngs=rngs, **dt)
+
+        @nnx.split_rngs(splits=cfg.num_layers)
+        @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def stacked_layers(layer_rngs):
+            return MoTLayer(cfg, rngs=layer_rngs)
+
+        self.layers = stacked_layers(rngs)
+        self.final_norm = ExpertNorms(cfg)
+        self.lm_head = None if cfg.tie_embeddings else Dense(
+            (cfg.hidden_size,), (cfg.vocab_size,), in_axes=("embed",), out_axes=("vocab",),
+            use_bias=False, rngs=rngs, **dt)
+        if cfg.num_experts == 2 and cfg.init_gen_from_und:
+            self.copy_und_to_gen()
+
+    def copy_und_to_gen(self) -> None:
+        """Sets every gen-expert weight (layers and final norm) to its und counterpart."""
+        if self.config.num_experts != 2:
+            raise ValueError("copy_und_to_gen needs num_experts=2")
+        nnx.update(self.layers.gen, nnx.state(self.layers.und))
+        nnx.update(self.final_norm.gen, nnx.state(self.final_norm.und))
+
+    def embed(self, text_ids: jax.Array) -> jax.Array:
+        """text_ids [B, S] int -> token embeddings [B, S, D] in the compute dtype."""
+        return self.embed_tokens(text_ids)
+
+    def __call__(self, x: jax.Array, positions: jax.Array, meta: TokenMeta,
+                 num_und: int) -> jax.Array:
+        """Runs the decoder over expert-major packed rows.
+
+        Args:
+          x: [B, L, D] input embeddings; [0, num_und) und tokens, [num_und, L) gen tokens.
+          positions: [B, L] int RoPE positions (PackedBatch `position`).
+          meta: TokenMeta with [B, L] fields (the attention mask's metadata).
+          num_und: static size of the und slice (ignored by the routing when num_experts=1).
+
+        Returns:
+          [B, L, D] hidden states after the per-expert final norm, in the compute dtype.
+        """
+        cfg = self.config
+        b, length, d = x.shape
+        if d != cfg.hidden_size or positions.shape != (b, length) or \
+                meta.doc_id.shape != (b, length):
+            raise ValueError(f"MoTDecoder: x {x.shape}, positions {positions.shape}, meta "
+                             f"{meta.doc_id.shape} are not [B, L, {cfg.hidden_size}], [B, L], "
+                             "[B, L]")
+        slices = expert_slices(cfg.num_experts, num_und, length)
+        cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, cfg.compute_dtype)
+        x = self._apply_layers(x.astype(cfg.compute_dtype), cos, sin, meta, num_und)
+        outputs = []
+        for name, a, b_ in slices:
+            y = getattr(self.final_norm, name)(x[:, a:b_])
+            frozen = name == "und" and cfg.freeze_und_expert
+            outputs.append(jax.lax.stop_gradient(y) if frozen else y)
+        return outputs[0] if len(outputs) == 1 else jnp.concatenate(outputs, axis=1)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """hidden [B, S, D] (und tokens, after the final norm) -> logits [B, S, V]."""
+        if self.lm_head is None:
+            return self.embed_tokens.attend(hidden)
+        return self.lm_head(hidden)
+
+    def _apply_layers(self, x, cos, sin, meta, num_und):
+        cfg = self.config
+
+        def layer_fn(layer, x, cos, sin, meta):
+            return layer(x, cos, sin, meta, num_und)
+
+        policy = REMAT_POLICIES[cfg.remat_policy]
+        if policy is not None:
+            layer_fn = nnx.remat(layer_fn, policy=policy)
+        if cfg.scan_layers:
+            scan = nnx.scan(layer_fn, in_axes=(0, nnx.Carry, None, None, None),
+                            out_axes=nnx.Carry)
+            return scan(self.layers, x, cos, sin, meta)
+        graphdef, state = nnx.split(self.layers)
+        for i in range(cfg.num_layers):
+            layer = nnx.merge(graphdef, jax.tree.map(lambda w, i=i: w[i], state))
+            x = layer_fn(layer, x, cos, sin, meta)
+        return x
+
+
+def _path_filter(prefixes: list[tuple]):
+    def matches(path, value) -> bool:
+        keys = tuple(str(k) for k in path)
+        return isinstance(value, nnx.Param) and any(keys[:len(p)] == p for p in prefixes)
+    return matches
+
+
+def frozen_filter(cfg: DecoderConfig, prefix: tuple[str, ...] = ()):
+    """Matches the parameters `freeze_und_expert` keeps fixed (nothing when it is off).
+
+    Args:
+      cfg: the decoder config.
+      prefix: the decoder's path inside an enclosing model (e.g. ("llm",)).
+    """
+    if not cfg.freeze_und_expert:
+        return nnx.Nothing
+    frozen = [("embed_tokens",), ("layers", "und"), ("final_norm", "und"), ("lm_head",)]
+    return _path_filter([(*prefix, *p) for p in frozen])
+
+
+def trainable_filter(cfg: DecoderConfig, prefix: tuple[str, ...] = ()):
+    """The `nnx.Optimizer(model, tx, wrt=...)` filter: every Param not frozen by the config."""
+    return nnx.All(nnx.Param, nnx.Not(frozen_filter(cfg, prefix)))
+
+
+def param_groups(cfg: DecoderConfig, prefix: tuple[str, ...] = ()) -> list[tuple[str, tuple]]:
+    """Labelled path prefixes of the decoder's modules, for `param_count.count_by_group`."""
+    groups = [("embedding", ("embed_tokens",)), ("und expert layers", ("layers", "und"))]
+    if cfg.num_experts == 2:
+        groups.append(("gen expert layers", ("layers", "gen")))
+    groups.append(("final norms", ("final_norm",)))
+    if not cfg.tie_embeddings:
+        groups.append(("lm_head", ("lm_head",)))
+    return [(label, (*prefix, *path)) for label, path in groups]
