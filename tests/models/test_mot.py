@@ -410,3 +410,13 @@ def test_analytic_flops_of_bagel_7b_mot():
     assert out["attention"] == 4 * 28 * 36864**2 * 28 * 128
     assert out["lm_head"] == 2 * 20480 * 3584 * 152064
     assert out["total"] == sum(v for k, v in out.items() if k != "total")
+
+
+def test_attention_tiles_reach_the_kernel_from_the_config():
+    from configs import tiny
+
+    config = tiny.get_config()
+    config.attention.block_q, config.attention.block_kv_bwd = 64, 32
+    cfg = mot.DecoderConfig.from_config(config)
+    assert cfg.attention_blocks == (64, 0, 0, 32)
+    assert cfg.attention_impl == "xla" and cfg.attention_chunk_size == 128

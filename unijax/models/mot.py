@@ -94,6 +94,8 @@ class DecoderConfig:
     param_dtype: str = "float32"
     attention_impl: str = "xla"
     attention_chunk_size: int = 512
+    # Pallas tiles (query x key tokens, forward then backward); 0 = the platform default.
+    attention_blocks: tuple[int, int, int, int] = (0, 0, 0, 0)
 
     def __post_init__(self):
         if self.num_experts not in (1, 2):
@@ -113,9 +115,11 @@ class DecoderConfig:
         llm = config.model.llm
         names = [f.name for f in dataclasses.fields(cls)]
         values = {name: llm[name] for name in names if name in llm}
+        blocks = tuple(int(config.attention.get(name, 0)) for name in
+                       ("block_q", "block_kv", "block_q_bwd", "block_kv_bwd"))
         return cls(**values, dtype=config.model.dtype, param_dtype=config.model.param_dtype,
                    attention_impl=config.attention.impl,
-                   attention_chunk_size=config.attention.chunk_size)
+                   attention_chunk_size=config.attention.chunk_size, attention_blocks=blocks)
 
     @property
     def compute_dtype(self) -> jnp.dtype:
@@ -201,8 +205,10 @@ class MoTLayer(nnx.Module):
             ks.append(k)
             vs.append(v)
         cat = lambda parts: parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
+        block_q, block_kv, block_q_bwd, block_kv_bwd = cfg.attention_blocks
         out = attention(cat(qs), cat(ks), cat(vs), meta, impl=cfg.attention_impl,
-                        chunk_size=cfg.attention_chunk_size)
+                        chunk_size=cfg.attention_chunk_size, block_q=block_q,
+                        block_kv=block_kv, block_q_bwd=block_q_bwd, block_kv_bwd=block_kv_bwd)
         outputs = []
         for (name, a, b), xe in zip(slices, inputs):
             y = getattr(self, name).finish(xe, out[:, a:b])
