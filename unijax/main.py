@@ -19,7 +19,7 @@ from flax import nnx
 from ml_collections import config_flags
 
 from unijax import config as config_lib
-from unijax.models import mot, param_count
+from unijax.models import mot, param_count, unified
 from unijax.training import sharding
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -48,12 +48,21 @@ def run(config, workdir: str) -> int:
 
 
 def dry_run(config) -> int:
-    """Prints the exact parameter count of the MoT decoder from abstract shapes; returns 0."""
+    """Prints the exact parameter counts from abstract shapes, the MoT decoder's breakdown then
+    the whole unified model's (the frozen VAE counted apart); returns 0."""
     decoder_config = mot.DecoderConfig.from_config(config)
     state = param_count.abstract_params(
         lambda: mot.MoTDecoder(decoder_config, rngs=nnx.Rngs(config.seed)))
     rows = param_count.count_by_group(state, mot.param_groups(decoder_config))
+    print("MoT decoder (config.model.llm):", flush=True)
     print(param_count.format_breakdown(rows), flush=True)
+    groups, frozen_vae = unified.parameter_breakdown(config)
+    decoder = sum(n for label, n in groups if label in dict(rows))
+    towers = [(label, n) for label, n in groups if label not in dict(rows)]
+    print("unified model (trained parameters; the fixed sin-cos tables are not parameters):",
+          flush=True)
+    print(param_count.format_breakdown([("llm (MoT decoder)", decoder), *towers]), flush=True)
+    print(f"frozen VAE weights (not trained, not counted above): {frozen_vae:,}", flush=True)
     return 0
 
 
