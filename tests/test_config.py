@@ -160,3 +160,63 @@ def test_batch_must_split_over_batch_shards(tiny_config):
 def test_mesh_shape_resolves_free_axis(tiny_config):
     tiny_config.mesh.data, tiny_config.mesh.fsdp, tiny_config.mesh.tensor = -1, 2, 2
     assert config_lib.mesh_shape(tiny_config.mesh, 8) == {"data": 2, "fsdp": 2, "tensor": 2}
+
+
+# Errors of the fields that the attention kernels, the vision towers and the data pipeline add.
+_BAD_MORE = [
+    ("attention.block_q", 12, "config.attention.block_q must be 0 (platform default) or a "
+                              "positive multiple of 8, got 12"),
+    ("model.llm.hidden_size", 130, "config.model.llm.hidden_size=130 must be a multiple of 4"),
+    ("data.overlong", "wrap", "config.data.overlong must be one of"),
+    ("data.num_workers", -1, "config.data.num_workers must be >= 0, got -1"),
+    ("data.read_threads", 0, "config.data.read_threads must be positive, got 0"),
+    ("data.max_image_pixels", 0, "config.data.max_image_pixels must be positive, got 0"),
+    ("data.gen_capacity", -1, "config.data.gen_capacity must be >= 0, got -1"),
+]
+
+
+@pytest.mark.parametrize("path,value,message", _BAD_MORE, ids=[b[0] for b in _BAD_MORE])
+def test_each_added_validation_error_names_the_field(tiny_config, path, value, message):
+    _set(tiny_config, path, value)
+    with pytest.raises(config_lib.ConfigError) as e:
+        config_lib.validate(tiny_config)
+    assert message in str(e.value)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("channel_mult", (1, 0, 2, 2), "config.model.vae.channel_mult must be a non-empty tuple of "
+                                   "positive ints"),
+    ("norm_groups", 5, "config.model.vae.norm_groups=5 must divide every level width"),
+])
+def test_vae_layout_errors(field, value, message):
+    config = bagel_7b_mot.get_config("runlocal")
+    config.model.vae[field] = value
+    with pytest.raises(config_lib.ConfigError) as e:
+        config_lib.validate(config)
+    assert message in str(e.value)
+
+
+@pytest.mark.parametrize("option,value,message", [
+    ("weight", 0.0, "config.data.datasets.shapes.weight must be positive, got 0.0"),
+    ("text_cond_dropout", 1.5, "config.data.datasets.shapes.text_cond_dropout must be in [0, 1]"),
+    ("video_noise", "per_pixel", "config.data.datasets.shapes.video_noise must be one of"),
+    ("max_video_frames", 0, "config.data.datasets.shapes.max_video_frames must be >= 1"),
+    ("video_context_frames", -1, "config.data.datasets.shapes.video_context_frames must be >= 0"),
+    ("video_frame_size", -1, "config.data.datasets.shapes.video_frame_size must be >= 0"),
+])
+def test_dataset_entry_errors_name_the_dataset(tiny_config, option, value, message):
+    from configs import base
+
+    tiny_config.data.datasets.shapes = base.data_source("worlds/shapes-*.array_record")
+    config_lib.validate(tiny_config)
+    tiny_config.data.datasets.shapes[option] = value
+    with pytest.raises(config_lib.ConfigError) as e:
+        config_lib.validate(tiny_config)
+    assert message in str(e.value)
+
+
+def test_dataset_entry_must_be_a_config_dict(tiny_config):
+    tiny_config.data.datasets.shapes = 3
+    with pytest.raises(config_lib.ConfigError, match="config.data.datasets.shapes must be a "
+                                                     "ConfigDict"):
+        config_lib.validate(tiny_config)
