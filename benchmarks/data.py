@@ -2,6 +2,8 @@ r"""Input-pipeline throughput per host: records/s and tokens/s per record type a
 
   PYTHONPATH=. python benchmarks/data.py                        # every kind, workers 0,1,2,4
   PYTHONPATH=. python benchmarks/data.py --kinds=caption,video --workers=2 --seconds=10
+  python -m unijax.data.worlds --out=/tmp/worlds_full && \
+    PYTHONPATH=. python benchmarks/data.py --fill=/tmp/worlds_full --pack_buffers=0,4,16,50
 
 Records are synthetic but real: photo-like 640x480 JPEGs (smooth colour fields plus sensor-like
 noise, ~40-80 KB each), 16-frame 320x240 JPEG clips, English-like text. The pipeline is the
@@ -11,6 +13,13 @@ und 20480 + gen 16384 tokens per row), one packed row per host batch. Tokens are
 non-padding tokens of packed rows (text, markers, ViT patches, VAE latents). A row for mp4
 decoding (`video.sample_frames`, what the video converter does) is added. Rows are appended to
 benchmarks/RESULTS.md (or --out) with device, date and command.
+
+`--fill=DIR` measures packing instead: how full the rows of configs/tiny.py get on the embedded
+worlds (`python -m unijax.data.worlds --out=DIR`, shapes and digits train splits mixed 2:1 by
+record count) for each `config.data.pack_buffer` in --pack_buffers (0: first-fit without
+look-ahead). Fill is the share of each budget (und tokens, gen tokens, ViT patch slots, VAE
+image slots) that packed tokens use, over --fill_batches batches after the first
+--fill_warmup (the look-ahead buffer has filled by then).
 """
 
 from __future__ import annotations
@@ -27,6 +36,8 @@ import numpy as np
 
 COLUMNS = ("device", "date", "record type", "workers", "records/s", "tokens/s",
            "tokens/record", "command")
+FILL_COLUMNS = ("device", "date", "pack_buffer", "und fill", "gen fill", "ViT slots",
+                "VAE slots", "docs/row", "tokens/row", "command")
 WORDS = ("the a red blue small large circle square moves left right above below scene image "
          "shows people walking near river with trees and buildings under cloudy sky").split()
 
@@ -107,6 +118,47 @@ def measure(pattern: str, workers: int, seconds: float) -> tuple[float, float, f
     return docs / elapsed, tokens / elapsed, tokens / max(docs, 1)
 
 
+def measure_fill(worlds: str, pack_buffer: int, batches: int, warmup: int) -> dict:
+    """Mean fill of each row budget over `batches` batches of configs/tiny.py on the worlds."""
+    from configs import base, tiny
+    from unijax.data import packing, pipeline
+
+    c = tiny.get_config()
+    c.data.num_workers = 0
+    c.data.pack_buffer = pack_buffer
+    c.data.datasets.shapes = base.data_source(os.path.join(worlds, "shapes", "train-*"), 2.0)
+    c.data.datasets.digits = base.data_source(os.path.join(worlds, "digits", "train-*"), 1.0)
+    spec = packing.PackSpec.from_config(c)
+    it = pipeline.make_iterator(c)
+    for _ in range(warmup):
+        next(it)
+    used, docs0 = np.zeros(4), it.documents
+    for _ in range(batches):
+        b = next(it)
+        live = b.doc_id > 0
+        used += (live[:, :b.num_und].sum(), live[:, b.num_und:].sum(),
+                 (b.vit_image_id > 0).sum(), (b.vae_grid_hw[..., 0] > 0).sum())
+    rows = batches * c.data.batch_size
+    docs = it.documents - docs0
+    it.close()
+    fill = used / (rows * spec.capacity)
+    return {"und": fill[0], "gen": fill[1], "vit": fill[2], "vae": fill[3],
+            "docs/row": docs / rows, "tokens/row": (used[0] + used[1]) / rows}
+
+
+def fill_rows(args, command: str) -> list[str]:
+    """Result rows of --fill: one per pack_buffer."""
+    rows = []
+    for n in (int(k) for k in args.pack_buffers.split(",")):
+        f = measure_fill(args.fill, n, args.fill_batches, args.fill_warmup)
+        label = f"{n}" + (" (first-fit, no look-ahead)" if n == 0 else "")
+        rows.append(f"| {args.device} | {args.date} | {label} | {f['und']:.1%} | "
+                    f"{f['gen']:.1%} | {f['vit']:.1%} | {f['vae']:.1%} | "
+                    f"{f['docs/row']:.2f} | {f['tokens/row']:.0f} | `{command}` |")
+        print(rows[-1], flush=True)
+    return rows
+
+
 def bench_mp4(tmpdir: str) -> tuple[float, float]:
     """(frames decoded/s, clips sampled at 2 fps/s) on a 10 s 640x360 24 fps H.264 clip."""
     from unijax.data import video
@@ -147,6 +199,10 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default=f"CPU {platform.processor() or platform.machine()}, "
                                             f"{os.cpu_count()} cores")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "RESULTS.md"))
+    parser.add_argument("--fill", default="", help="worlds directory: measure row fill instead")
+    parser.add_argument("--pack_buffers", default="0,4,16,50")
+    parser.add_argument("--fill_batches", type=int, default=100)
+    parser.add_argument("--fill_warmup", type=int, default=10)
     args = parser.parse_args(argv)
     from absl import flags
 
@@ -154,6 +210,13 @@ def main(argv=None) -> None:
     from unijax.data import records
 
     command = "PYTHONPATH=. python benchmarks/data.py " + " ".join(sys.argv[1:])
+    if args.fill:
+        rows = fill_rows(args, command)
+        with open(args.out, "a") as f:
+            f.write("\n## Packing fill on the worlds (benchmarks/data.py --fill)\n\n")
+            f.write("| " + " | ".join(FILL_COLUMNS) + " |\n|" + "---|" * len(FILL_COLUMNS) + "\n")
+            f.write("\n".join(rows) + "\n")
+        return
     rows = []
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:

@@ -83,6 +83,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.data.vae_min_image_size = 512
     c.data.max_image_pixels = 64 * 1024 * 1024  # decode limit; larger images are skipped
     c.data.overlong = "truncate"  # truncate | drop: a document larger than an empty row
+    # Documents held back for a later batch when they fit no open row (BAGEL's look-ahead
+    # buffer); 0 = plain first-fit.
+    c.data.pack_buffer = 16
     c.data.tokenizer = "byte"  # "byte" (built-in) or a local HF tokenizer (dir or tokenizer.json)
     c.data.shuffle = True
     c.data.num_epochs = 0  # 0: repeat forever (training); n: stop after n passes (evals, tests)
@@ -177,6 +180,7 @@ def data_source(paths: str, weight: float = 1.0, **plan_options) -> ml_collectio
     d.video_caption_loss = False
     d.max_video_frames = 16
     d.video_frame_size = 0  # pixels, long side of a video frame (0: config.data.vae_image_size)
+    d.ce_loss_reweighting = False  # CE weight 1/sqrt(n) per text of n loss tokens (BAGEL's flag)
     for key, value in plan_options.items():
         if key not in d:
             raise KeyError(f"data_source: unknown plan option {key!r}; known: {sorted(d)}")

@@ -18,8 +18,10 @@ Per-token fields, shape [B, L] with L = num_und + num_gen (padding value in brac
   noisy         bool   the token belongs to a noisy span (an image being generated at flow time
                        t > 0, markers included): invisible to every token outside the span [False].
   position      int32  RoPE position: text counts up; all tokens of an image (markers included)
-                       share one position and the counter then moves by one; a noisy image does
-                       not advance it, so its clean copy that follows shares its position [0].
+                       share one position and the counter then moves by one (by the frame-index
+                       delta for grouped video frames); a noisy image does not advance it, so its
+                       clean copy that follows shares its position; a condition dropped for
+                       guidance leaves its position unused. Non-decreasing in causal order [0].
   text_ids      int32  input token id of TEXT tokens [0].
   text_targets  int32  next-token target id [0].
   text_weight   f32    cross-entropy weight of the target; 0 = no loss [0].

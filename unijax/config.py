@@ -212,6 +212,9 @@ def _validate_datasets(data, check) -> None:
                  "max_image_pixels"):
         if name in data:
             check(data[name] > 0, f"config.data.{name} must be positive, got {data[name]}")
+    pack_buffer = data.get("pack_buffer", 0)
+    check(isinstance(pack_buffer, int) and not isinstance(pack_buffer, bool) and pack_buffer >= 0,
+          f"config.data.pack_buffer must be an int >= 0, got {pack_buffer!r}")
     for ds_name, ds in data.datasets.items():
         field = f"config.data.datasets.{ds_name}"
         if not hasattr(ds, "get"):
@@ -238,6 +241,8 @@ def _validate_datasets(data, check) -> None:
               f"{field}.video_context_frames must be >= 0, got {ds.get('video_context_frames')}")
         check(ds.get("video_frame_size", 0) >= 0,
               f"{field}.video_frame_size must be >= 0, got {ds.get('video_frame_size')}")
+        check(isinstance(ds.get("ce_loss_reweighting", False), bool),
+              f"{field}.ce_loss_reweighting must be a bool, got {ds.get('ce_loss_reweighting')!r}")
 
 
 def _validate_mesh(config, num_devices, check, errors) -> None:

@@ -1,4 +1,5 @@
-"""Packing: layout equals batch_builder's, and (hypothesis) nothing lost, duplicated or mixed."""
+"""Packing: layout equals batch_builder's, (hypothesis) nothing lost, duplicated or mixed with or
+without the look-ahead buffer, and the buffer's order and fill."""
 
 import dataclasses
 
@@ -145,9 +146,11 @@ def same(a, b):
 
 
 @settings(max_examples=30, deadline=None)
-@given(streams(), st.integers(1, 3), st.sampled_from(packing.OVERLONG_MODES))
-def test_packing_keeps_every_token_image_and_document_apart(plans, batch_size, overlong):
-    spec = dataclasses.replace(SPEC, overlong=overlong)
+@given(streams(), st.integers(1, 3), st.sampled_from(packing.OVERLONG_MODES),
+       st.sampled_from([0, 1, 3, 16]))
+def test_packing_keeps_every_token_image_and_document_apart(plans, batch_size, overlong,
+                                                             pack_buffer):
+    spec = dataclasses.replace(SPEC, overlong=overlong, pack_buffer=pack_buffer)
     batches, docs, dropped = packing.pack(plans, spec, batch_size)
     fitted = {p.key: packing.fit_document(p, spec) for p in plans}
     placed = [tuple(k) for batch_docs in docs for row in batch_docs for k in row]
@@ -193,3 +196,42 @@ def test_truncation_cuts_text_never_images():
     prompt_only = SequencePlan([TextItem(np.arange(100, dtype=np.int32), False)],
                                DocKey("t", "f", 1))
     assert packing.fit_document(prompt_only, SPEC) == (None, "too_long")  # no loss left
+
+
+def text_doc(index, n):
+    """A document of `n` und tokens (text with loss)."""
+    return SequencePlan([TextItem(np.arange(n - 2, dtype=np.int32), True)], DocKey("b", "f", index))
+
+
+def packed_order(sizes, pack_buffer, batch_size=1):
+    spec = dataclasses.replace(SPEC, pack_buffer=pack_buffer)
+    _, docs, _ = packing.pack([text_doc(i, n) for i, n in enumerate(sizes)], spec, batch_size)
+    return [[[k[2] for k in row] for row in batch] for batch in docs]
+
+
+def test_look_ahead_buffer_fills_rows_from_later_documents():
+    sizes = [40, 40, 20, 20]  # und capacity 64
+    assert packed_order(sizes, 0) == [[[0]], [[1, 2]], [[3]]]  # first-fit: emit on overflow
+    # Document 1 is held back; 2 joins document 0; 3 overflows the buffer of 1 and the next
+    # batch takes the held documents first, oldest first.
+    assert packed_order(sizes, 1) == [[[0, 2]], [[1, 3]]]
+
+
+def test_held_documents_come_first_in_the_next_batch():
+    sizes = [10, 60] + [10] * 10
+    order = packed_order(sizes, 3)
+    # The big document 1 waits while small ones fill batch 0, then opens batch 1.
+    assert order[0] == [[0, 2, 3, 4, 5, 6]] and order[1][0][0] == 1
+    assert sorted(i for b in order for row in b for i in row) == list(range(len(sizes)))
+
+
+def test_truncated_length_weighted_text_weighs_each_target_by_its_count():
+    ids = np.arange(100, dtype=np.int32)
+    plan = SequencePlan([TextItem(ids, True, length_weighted=True)], DocKey("w", "f", 0))
+    short, status = packing.fit_document(plan, SPEC)
+    assert status == "truncated" and short.items[0].length_weighted
+    (batch,), _, _ = packing.pack([plan], SPEC, 1)
+    weights = batch.text_weight[0][batch.doc_id[0] == 1]
+    targets = 64 - 1  # <|im_start|> and 62 ids predict; the cut last id predicts nothing
+    np.testing.assert_allclose(np.sort(weights)[1:], 1 / np.sqrt(targets), rtol=1e-6)
+    assert np.count_nonzero(weights) == targets

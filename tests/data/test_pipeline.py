@@ -23,9 +23,11 @@ def run(config, **kwargs):
     return it, docs
 
 
-def test_one_epoch_packs_every_record_exactly_once(record_files):
+@pytest.mark.parametrize("pack_buffer", [0, 16])
+def test_one_epoch_packs_every_record_exactly_once(record_files, pack_buffer):
     root, ids = record_files
     config = data_config(root / "*.array_record")
+    config.data.pack_buffer = pack_buffer
     config_lib.validate(config)
     it, docs = run(config)
     assert sorted(d[3] for d in docs) == sorted(ids)
@@ -115,12 +117,15 @@ def test_global_batch_from_host_batches(record_files, cpu_devices):
 
 def test_config_validation_names_dataset_fields(record_files):
     root, _ = record_files
-    config = data_config(root / "*.array_record", weight=-1.0, video_noise="often")
+    config = data_config(root / "*.array_record", weight=-1.0, video_noise="often",
+                         ce_loss_reweighting=None)
     config.data.datasets.other = base.data_source("", interleaved_images="both")
+    config.data.pack_buffer = -1
     with pytest.raises(config_lib.ConfigError) as err:
         config_lib.validate(config)
     msg = str(err.value)
     for field in ("config.data.datasets.mix.weight", "config.data.datasets.mix.video_noise",
+                  "config.data.datasets.mix.ce_loss_reweighting", "config.data.pack_buffer",
                   "config.data.datasets.other.paths",
                   "config.data.datasets.other.interleaved_images"):
         assert field in msg

@@ -6,14 +6,17 @@ marker; `config.data.und_capacity`), gen tokens (VAE latents; `gen_capacity`), V
 first-fit over the rows of a batch; a document that does not fit an empty row is truncated at a
 safe boundary (text may be cut between tokens, an image or a video group is kept whole or not
 at all) or dropped, by `config.data.overlong`. A truncated document must keep some loss, or it
-is dropped too.
+is dropped too. A document that fits no open row waits in a look-ahead buffer of up to
+`config.data.pack_buffer` documents while later ones fill the batch (`RowPacker`).
 
 The token layout is `unijax.batch_builder`'s (BAGEL's): text is `<|im_start|> ids <|im_end|>`,
-causal, positions counting up, each token predicting the next when the text has loss; an image
-is `<|vision_start|> tokens <|vision_end|>`, one bidirectional span (a video group: several
-such images in one span) sharing one RoPE position, after which the position moves by the
-item's step (0 for a noisy image). Markers and ViT tokens fill the und slice, VAE latents the
-gen slice. Layout is vectorised per item, not per token.
+causal, positions counting up, each token predicting the next when the text has loss (CE
+weight 1 per target, or 1/sqrt(targets) when `length_weighted`); an image is
+`<|vision_start|> tokens <|vision_end|>`, one bidirectional span (a video group: several such
+images in one span) whose tokens share one RoPE position, after which the position moves by
+the item's step (0 for a noisy image, the frame-index delta inside a video clip). Positions of
+images dropped for CFG stay unused (an item's `gap`). Markers and ViT tokens fill the und
+slice, VAE latents the gen slice. Layout is vectorised per item, not per token.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from unijax.data import images as images_lib
 from unijax.data.plan import ImageItem, SequencePlan, TextItem
 
 OVERLONG_MODES = ("truncate", "drop")
+DEFAULT_PACK_BUFFER = 16  # documents held back for a later batch (BAGEL: 50 samples)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +47,8 @@ class PackSpec:
       latent_grid: (gh, gw) latent tokens of the VAE canvas (the largest VAE image).
       overlong: "truncate" or "drop" for a document larger than an empty row.
       special: ids of BAGEL's marker tokens.
+      pack_buffer: documents that fit no open row held back for a later batch (`RowPacker`);
+        0: first-fit without look-ahead.
     """
 
     num_und: int
@@ -56,10 +62,13 @@ class PackSpec:
     latent_grid: tuple[int, int]
     overlong: str = "truncate"
     special: SpecialTokens = SpecialTokens()
+    pack_buffer: int = DEFAULT_PACK_BUFFER
 
     def __post_init__(self):
         if self.overlong not in OVERLONG_MODES:
             raise ValueError(f"overlong must be one of {OVERLONG_MODES}, got {self.overlong!r}")
+        if self.pack_buffer < 0:
+            raise ValueError(f"pack_buffer must be >= 0, got {self.pack_buffer}")
 
     @classmethod
     def from_config(cls, config, special: SpecialTokens = SpecialTokens()) -> PackSpec:  # noqa: B008
@@ -71,7 +80,8 @@ class PackSpec:
         vit_grid = model.vit.max_grid if model.vit is not None else 1
         return cls(data.und_capacity, data.gen_capacity, data.max_vit_patches,
                    data.max_vae_images, vit_patch, vit_grid, model.max_latent_size, cell,
-                   (side, side), data.get("overlong", "truncate"), special)
+                   (side, side), data.get("overlong", "truncate"), special,
+                   data.get("pack_buffer", DEFAULT_PACK_BUFFER))
 
     @property
     def capacity(self) -> np.ndarray:
@@ -115,7 +125,7 @@ def fit_document(plan: SequencePlan, spec: PackSpec) -> tuple[SequencePlan | Non
         item = unit[0]
         room = cap[0] - used[0] - 1  # ids that fit after <|im_start|>, no <|im_end|>
         if isinstance(item, TextItem) and room > 0:
-            kept.append(TextItem(item.ids[:room], item.loss, closed=False))
+            kept.append(dataclasses.replace(item, ids=item.ids[:room], closed=False))
         break
     short = SequencePlan(kept, plan.key)
     if not kept or not short.has_loss:
@@ -123,45 +133,88 @@ def fit_document(plan: SequencePlan, spec: PackSpec) -> tuple[SequencePlan | Non
     return short, "truncated"
 
 
+@dataclasses.dataclass
+class Pending:
+    """A document ready for a row: its fitted plan, the `fit_document` status ("ok" or
+    "truncated"), and `ref`, where the pipeline can read it again (its stream index)."""
+
+    plan: SequencePlan
+    status: str = "ok"
+    ref: int = -1
+
+
 class RowPacker:
-    """First-fit of documents into `batch_size` rows under the row budgets."""
+    """First-fit of documents into `batch_size` rows, with a bounded look-ahead buffer.
+
+    A document goes to the first row with room in all four budgets. One that fits no row of the
+    open batch is held back, up to `spec.pack_buffer` documents (BAGEL's `max_buffer_size`),
+    and later documents keep filling the batch; the batch is complete when a document fits no
+    row while the buffer is full; that document is held too (so between batches the buffer
+    holds up to `pack_buffer + 1`). The next batch is filled from the buffer first, oldest
+    first. The oldest held document always fits an empty batch, so a document is held for at
+    most `pack_buffer + 1` batches. With `pack_buffer = 0` this is plain first-fit that
+    completes a batch as soon as one document does not fit. Everything is deterministic.
+    """
 
     def __init__(self, spec: PackSpec, batch_size: int):
         self.spec, self.batch_size = spec, batch_size
         self.reset()
 
     def reset(self) -> None:
-        """Empties every row."""
+        """Empties every row and the buffer."""
+        self.held: list[Pending] = []
+        self._clear_rows()
+
+    def _clear_rows(self) -> None:
         self.rows: list[list[SequencePlan]] = [[] for _ in range(self.batch_size)]
         self.used = np.zeros((self.batch_size, 4), np.int64)
+        self.truncated = 0  # truncated documents in the open batch
 
     @property
     def empty(self) -> bool:
+        """Whether the open batch has no document (the buffer may still hold some)."""
         return not any(self.rows)
 
-    def add(self, plan: SequencePlan) -> bool:
-        """Places a plan (that fits an empty row) in the first row with room; False if none."""
-        cost = np.array(plan.cost())
+    def _place(self, doc: Pending) -> bool:
+        cost = np.array(doc.plan.cost())
         fits = np.all(self.used + cost <= self.spec.capacity, axis=1)
         if not fits.any():
             return False
         r = int(np.argmax(fits))
-        self.rows[r].append(plan)
+        self.rows[r].append(doc.plan)
         self.used[r] += cost
+        self.truncated += doc.status == "truncated"
         return True
 
-    def take(self) -> list[list[SequencePlan]]:
-        """Returns the rows' documents (for `layout`) and empties the packer."""
-        rows = self.rows
-        self.reset()
-        return rows
+    def refill(self) -> None:
+        """Places held documents into the open batch, oldest first; the rest stay held."""
+        self.held = [doc for doc in self.held if not self._place(doc)]
+
+    def offer(self, doc: Pending) -> bool:
+        """Places a document (that fits an empty row) or holds it back.
+
+        Returns:
+          True when the open batch is complete: the document fit no row and the buffer
+          already held `spec.pack_buffer` documents (the document is held all the same).
+        """
+        if self._place(doc):
+            return False
+        self.held.append(doc)
+        return len(self.held) > self.spec.pack_buffer
+
+    def take(self) -> tuple[list[list[SequencePlan]], int]:
+        """Returns (per row its documents, how many of them are truncated) and empties the
+        rows; held documents stay for `refill`."""
+        rows, truncated = self.rows, self.truncated
+        self._clear_rows()
+        return rows, truncated
 
     def emit(self) -> tuple[dict[str, np.ndarray], list[list]]:
-        """Lays the rows out; returns (arrays, docs) and empties the packer.
+        """Lays the rows out; returns (arrays, docs) and empties the rows.
 
         `docs[r]` lists the `DocKey`s of row r as tuples, in document-id order.
         """
-        rows = self.take()
+        rows, _ = self.take()
         return layout(rows, self.spec), document_keys(rows)
 
 
@@ -217,7 +270,9 @@ class _RowWriter:
         targets = np.zeros(n, np.int32)
         weight = np.zeros(n, np.float32)
         if item.loss:
-            targets[:-1], weight[:-1] = ids[1:], 1.0
+            # BAGEL's len2weight('square') over the n - 1 tokens that predict one.
+            targets[:-1] = ids[1:]
+            weight[:-1] = 1.0 / np.sqrt(n - 1) if item.length_weighted else 1.0
         self._put(self.und, n, modality=batch_lib.TEXT, doc_id=doc,
                   position=np.arange(pos, pos + n), text_ids=ids, text_targets=targets,
                   text_weight=weight)
@@ -264,6 +319,7 @@ class _RowWriter:
     def document(self, plan: SequencePlan, doc: int) -> None:
         pos, group = 0, None
         for item in plan.items:
+            pos += item.gap  # positions of images dropped for CFG stay unused
             if isinstance(item, TextItem):
                 pos, group = self.text(item, doc, pos), None
                 continue
@@ -297,7 +353,7 @@ def to_packed_batch(arrays: dict[str, np.ndarray], spec: PackSpec) -> batch_lib.
 
 
 def pack(plans, spec: PackSpec, batch_size: int):
-    """Packs a finite stream of plans into PackedBatches (the last one padded).
+    """Packs a finite stream of plans into PackedBatches (`RowPacker`; the last one padded).
 
     Returns:
       (batches, docs, dropped): the PackedBatches, per batch the DocKey tuples of each row,
@@ -310,15 +366,15 @@ def pack(plans, spec: PackSpec, batch_size: int):
         arrays, row_docs = packer.emit()
         batches.append(to_packed_batch(arrays, spec))
         docs.append(row_docs)
+        packer.refill()
 
     for original in plans:
         plan, status = fit_document(original, spec)
         if plan is None:
             dropped.append((original.key, status))
             continue
-        if not packer.add(plan):
+        if packer.offer(Pending(plan, status)):
             flush()
-            packer.add(plan)
-    if not packer.empty:
+    while not packer.empty:  # the open batch, then what the buffer still holds
         flush()
     return batches, docs, dropped

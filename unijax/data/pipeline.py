@@ -4,7 +4,8 @@
                 repeat -> decode + plan (tokenize, images, flow times, CFG dropout; seeded per
                 element, so the stream is a function of the seed)
   mixture:      MapDataset.mix by the config weights
-  per worker:   read threads -> first-fit assignment of documents to `batch_size` rows
+  per worker:   read threads -> first-fit assignment of documents to `batch_size` rows, with
+                a look-ahead buffer of `config.data.pack_buffer` documents that fit no open row
   workers:      mp_prefetch (spawn; every stage here is a picklable top-level class)
   main process: HostBatchIterator: lays the rows out as a PackedBatch, skip counters, logs
 
@@ -20,9 +21,10 @@ every record is either packed (documents are listed in `iterator.last_documents`
 
 Checkpointing: the iterator is a `grain.DatasetIterator`; save and restore it with
 `grain.checkpoint.CheckpointSave(it)` / `CheckpointRestore(fresh_it)` under an Orbax
-CheckpointManager item handled by `grain.checkpoint.CheckpointHandler()`. A packed batch's
-documents are recorded by the parent state from which they were read, so a restored iterator
-yields exactly the batches the saved one would have.
+CheckpointManager item handled by `grain.checkpoint.CheckpointHandler()`. The packer's state is
+the read position plus the stream indices of the documents its look-ahead buffer holds (re-read
+on restore: a document is a function of its index), so a restored iterator yields exactly the
+batches the saved one would have.
 """
 
 from __future__ import annotations
@@ -152,85 +154,97 @@ class RecordToPlan:
             return Skip(f"error_{type(e).__name__}", self.dataset, path, index, str(e))
 
 
-class PackIterDataset(grain.IterDataset):
-    """Assigns a stream of SequencePlan | Skip to `batch_size` rows.
+def with_index(index: int, element):
+    """(stream index, element): lets the packer name a held-back document in its state."""
+    return int(index), element
 
-    Yields {"rows": per row its SequencePlans, "skips": Skip tuples, "truncated": int}.
+
+class PackIterDataset(grain.IterDataset):
+    """Assigns a stream of (index, SequencePlan | Skip) to `batch_size` rows.
+
+    `source[index]` must give the stream's element at `index` again (the MapDataset the stream
+    was made from, `with_index` applied): held-back documents are saved as indices and re-read
+    on restore. Yields {"rows": per row its SequencePlans, "skips": Skip tuples,
+    "truncated": int}.
     """
 
-    def __init__(self, parent: grain.IterDataset, spec: packing.PackSpec, batch_size: int):
+    def __init__(self, parent: grain.IterDataset, source: grain.MapDataset,
+                 spec: packing.PackSpec, batch_size: int):
         super().__init__(parent)
-        self._spec, self._batch_size = spec, batch_size
+        self._source, self._spec, self._batch_size = source, spec, batch_size
 
     def __iter__(self) -> _PackIterator:
-        return _PackIterator(self._parent.__iter__(), self._spec, self._batch_size)
+        return _PackIterator(self._parent.__iter__(), self._source, self._spec,
+                             self._batch_size)
 
     def __str__(self) -> str:
-        return f"PackIterDataset(batch_size={self._batch_size})"
+        return (f"PackIterDataset(batch_size={self._batch_size}, "
+                f"pack_buffer={self._spec.pack_buffer})")
 
 
 class _PackIterator(grain.DatasetIterator):
-    """First-fit packing with exact state.
+    """First-fit packing with a look-ahead buffer (`packing.RowPacker`) and exact state.
 
-    When a document fits no open row, the batch is emitted and that document opens the next
-    batch; the state then points at the parent state *before* that document, so a restored
-    iterator reads it again. Between calls the open batch holds at most that one document.
+    Between calls the rows are empty and the buffer holds the documents read but not yet
+    packed; the state is the parent's state plus the stream indices of those documents, which
+    `set_state` reads and fits again (plans are functions of the index), so a restored iterator
+    yields exactly the batches the saved one would have.
     """
 
-    def __init__(self, parent: grain.DatasetIterator, spec: packing.PackSpec, batch_size: int):
+    def __init__(self, parent: grain.DatasetIterator, source: grain.MapDataset,
+                 spec: packing.PackSpec, batch_size: int):
         super().__init__(parent)
         self._packer = packing.RowPacker(spec, batch_size)
-        self._spec = spec
-        self._resume = None  # parent state before the document left in the open batch
+        self._source, self._spec = source, spec
         self._exhausted = False
 
-    def _batch(self, skips, truncated):
-        return {"rows": self._packer.take(), "truncated": truncated,
-                "skips": [dataclasses.astuple(s) for s in skips]}
+    def _fit(self, index: int, plan: plan_lib.SequencePlan, skips: list):
+        """The document as a `packing.Pending`, or None (with a Skip) when it cannot be packed."""
+        fitted, status = packing.fit_document(plan, self._spec)
+        if fitted is None:
+            k = plan.key
+            skips.append(Skip(status, k.dataset, k.path, k.index,
+                              f"cost {plan.cost()} exceeds the row {tuple(self._spec.capacity)}"))
+            return None
+        return packing.Pending(fitted, status, index)
 
     def __next__(self):
-        skips, truncated = [], 0
-        if self._resume is not None:
-            truncated = self._resume[1]
-        self._resume = None
-        while True:
-            before = self._parent.get_state()
+        self._packer.refill()  # documents held back by the previous batch come first
+        skips = []
+        while not self._exhausted:
             try:
-                element = next(self._parent) if not self._exhausted else None
+                index, element = next(self._parent)
             except StopIteration:
-                element = None
-            if element is None:
                 self._exhausted = True
-                if self._packer.empty and not skips:
-                    raise StopIteration
-                return self._batch(skips, truncated)
+                break
             if isinstance(element, Skip):
                 skips.append(element)
                 continue
-            plan, status = packing.fit_document(element, self._spec)
-            if plan is None:
-                k = element.key
-                skips.append(Skip(status, k.dataset, k.path, k.index,
-                                  f"cost {element.cost()} exceeds the row "
-                                  f"{tuple(self._spec.capacity)}"))
-                continue
-            if self._packer.add(plan):
-                truncated += status == "truncated"
-                continue
-            batch = self._batch(skips, truncated)
-            self._packer.add(plan)
-            self._resume = (before, int(status == "truncated"))
-            return batch
+            doc = self._fit(index, element, skips)
+            if doc is not None and self._packer.offer(doc):
+                break  # a document fit no row with the buffer full: the batch is complete
+        if self._packer.empty and not skips:
+            raise StopIteration
+        rows, truncated = self._packer.take()
+        return {"rows": rows, "truncated": truncated,
+                "skips": [dataclasses.astuple(s) for s in skips]}
 
     def get_state(self):
-        parent = self._resume[0] if self._resume is not None else self._parent.get_state()
-        return {"parent": parent, "exhausted": self._exhausted}
+        return {"parent": self._parent.get_state(), "exhausted": self._exhausted,
+                "held": [doc.ref for doc in self._packer.held]}
 
     def set_state(self, state):
         self._parent.set_state(state["parent"])
         self._packer.reset()
-        self._resume = None
         self._exhausted = bool(state["exhausted"])
+        for index in state.get("held", []):
+            _, plan = self._source[index]
+            skipped = isinstance(plan, Skip)
+            doc = None if skipped else self._fit(index, plan, [])
+            if doc is None:  # only when the data or the config changed since the save
+                raise ValueError(f"restored pack state: the held document at stream index "
+                                 f"{index} no longer packs: {plan if skipped else plan.key}")
+            self._packer.held.append(doc)
 
 
 class HostBatchIterDataset(grain.IterDataset):
@@ -331,9 +345,10 @@ def make_dataset(config, *, shard: grain.sharding.ShardOptions | None = None,
         components.append(ds)
         weights.append(ds_spec.weight)
     mixed = components[0] if len(components) == 1 else grain.MapDataset.mix(components, weights)
-    stream = mixed.to_iter_dataset(grain.ReadOptions(num_threads=data.read_threads,
-                                                     prefetch_buffer_size=data.prefetch_buffer_size))
-    packed = PackIterDataset(stream, spec, batch_size)
+    indexed = mixed.map_with_index(with_index)
+    stream = indexed.to_iter_dataset(grain.ReadOptions(
+        num_threads=data.read_threads, prefetch_buffer_size=data.prefetch_buffer_size))
+    packed = PackIterDataset(stream, indexed, spec, batch_size)
     if num_workers > 0:
         packed = packed.mp_prefetch(grain.MultiprocessingOptions(
             num_workers=num_workers, per_worker_buffer_size=data.worker_buffer_size))

@@ -19,15 +19,37 @@ Roles map to items as follows (`records.py` documents the roles):
   captions of what changed, each generated frame followed by its clean copy
   video input -> one ViT image per frame, each followed by its caption (with loss)
 
-Noise levels of generated video frames are one shared t per clip or independent per frame
-("diffusion forcing" style). Classifier-free guidance: every item that conditions a later
-noisy target is dropped with the dataset's probability (text 0.1, ViT 0.3, clean VAE 0.3 in
-BAGEL); understanding-only documents are never dropped from. Image start/end markers are added
+Classifier-free guidance: every item that conditions a later noisy target is dropped with the
+dataset's probability (text 0.1, ViT 0.3, clean VAE 0.3 in BAGEL); understanding-only documents
+are never dropped from, and a video group is dropped whole. Image start/end markers are added
 at packing. All randomness comes from the Generator passed in, so a plan is a function of
 (record, seed).
 
-RoPE steps follow BAGEL: text advances one per token, a clean image by one, a noisy image by
-zero (its clean copy takes the same position), frames of one video group by one each.
+RoPE positions (BAGEL `dataset_base.py` `pack_sequence`): text advances one per token, a clean
+image by one, a noisy image by zero (its clean copy takes the same position). An image dropped
+for CFG still advances the position by one (BAGEL does the same per dropped ViT/VAE image, so a
+dropped group of k frames advances by k); dropped text advances nothing. The advance of dropped
+images is stored as `gap` on the next item that is kept.
+
+Video generation, two layouts:
+  grouped (no captions; BAGEL `_add_video`): the `video_context_frames` leading frames form one
+    clean bidirectional span, the other frames one noisy span (one split, in both noise modes):
+    "shared" draws one flow time for it (BAGEL's shared timestep), "independent" one per frame
+    ("diffusion forcing" style). A frame advances the position by its frame-index delta to the
+    next kept frame (index = round(timestamp * fps) on the record's sampling grid, so
+    subsampling to `max_video_frames` gives deltas above 1; at least 1), the clip's last
+    (noisy) frame by zero. The last context frame also advances by the delta to the first
+    generated frame, keeping the clip on one time axis (BAGEL, calling `_add_video` once per
+    group, would advance by one there).
+  captioned: each frame follows the caption of what changed and is its own split, a noisy
+    frame then its clean copy, positioned by the image rule (+0, +1: text lies between
+    frames). "shared": one flow time for every frame of the clip; "independent": one per frame.
+
+CE length reweighting (`ce_loss_reweighting`, BAGEL's `--ce_loss_reweighting` with
+`len2weight('square')`): every token of a text with loss gets the CE weight 1 / sqrt(n)
+instead of 1, n the number of tokens of that text that carry a target (`<|im_start|>` and the
+ids, BAGEL's split length; one fewer for text cut by truncation, as it is computed at
+packing). BAGEL then normalises the CE sum by the sum of the weights, not the token count.
 """
 
 from __future__ import annotations
@@ -59,6 +81,7 @@ class PlanOptions:
     video_caption_loss: bool = False
     max_video_frames: int = 16
     video_frame_size: int = 0  # pixels, long side of a VAE video frame; 0 = vae_image_size
+    ce_loss_reweighting: bool = False  # CE weight 1/sqrt(n) per text of n loss tokens (BAGEL)
 
     def __post_init__(self):
         for name in ("text_cond_dropout", "vit_cond_dropout", "vae_cond_dropout"):
@@ -71,6 +94,9 @@ class PlanOptions:
         if self.video_noise not in VIDEO_NOISE_MODES:
             raise ValueError(f"PlanOptions.video_noise must be one of {VIDEO_NOISE_MODES}, "
                              f"got {self.video_noise!r}")
+        if not isinstance(self.ce_loss_reweighting, bool):
+            raise ValueError(f"PlanOptions.ce_loss_reweighting must be a bool, got "
+                             f"{self.ce_loss_reweighting!r}")
         if self.max_video_frames < 1 or self.video_context_frames < 0:
             raise ValueError(f"PlanOptions: max_video_frames={self.max_video_frames} must be "
                              f">= 1 and video_context_frames={self.video_context_frames} >= 0")
@@ -125,12 +151,16 @@ class TextItem:
     """Text tokens (without BAGEL's `<|im_start|>` / `<|im_end|>`, added at packing).
 
     `closed=False` marks text cut by truncation: no `<|im_end|>` follows and its last token
-    predicts nothing.
+    predicts nothing. `length_weighted`: CE weight 1/sqrt(tokens with a target) per token
+    instead of 1 (`PlanOptions.ce_loss_reweighting`). `gap`: RoPE positions left unused before
+    the text (images dropped for CFG just before it).
     """
 
     ids: np.ndarray  # int32 [n]
     loss: bool
     closed: bool = True
+    length_weighted: bool = False
+    gap: int = 0
 
 
 @dataclasses.dataclass
@@ -146,7 +176,9 @@ class ImageItem:
       t: flow time in (0, 1] when noisy, else 0.
       group: consecutive items of one document with the same group >= 0 form one
         bidirectional span (video frames); -1: the image is its own span.
-      step: how far the RoPE position moves after the image.
+      step: how far the RoPE position moves after the image (0 noisy, 1 clean, the
+        frame-index delta inside a video clip).
+      gap: RoPE positions left unused before the image (images dropped for CFG before it).
     """
 
     kind: str
@@ -156,6 +188,7 @@ class ImageItem:
     t: float = 0.0
     group: int = -1
     step: int = 1
+    gap: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,15 +240,16 @@ def flow_time(rng: np.random.Generator) -> float:
 class _Builder:
     """Accumulates items; the cfg tag says which dropout may remove an item."""
 
-    def __init__(self, settings: ImageSettings, rng: np.random.Generator):
+    def __init__(self, settings: ImageSettings, options: PlanOptions, rng: np.random.Generator):
         self.items: list[TextItem | ImageItem] = []
         self.cfg: list[str | None] = []
-        self.settings, self.rng = settings, rng
+        self.settings, self.options, self.rng = settings, options, rng
         self.groups = 0
 
     def text(self, ids: list[int], loss: bool) -> None:
         if ids:
-            self.items.append(TextItem(np.asarray(ids, np.int32), loss))
+            weighted = loss and self.options.ce_loss_reweighting
+            self.items.append(TextItem(np.asarray(ids, np.int32), loss, length_weighted=weighted))
             self.cfg.append("text")
 
     def image(self, pixels: np.ndarray, kind: str, noisy: bool = False, t: float = 0.0,
@@ -241,6 +275,16 @@ def _kept_frames(n: int, options: PlanOptions) -> list[int]:
     if n <= options.max_video_frames:
         return list(range(n))
     return sorted(set(np.linspace(0, n - 1, options.max_video_frames).round().astype(int)))
+
+
+def _frame_deltas(seg, keep: list[int]) -> list[int]:
+    """Per kept frame but the last, the frame-index distance to the next kept frame (>= 1).
+
+    A frame's index is its timestamp on the record's sampling grid, round(t * fps): BAGEL's
+    `frame_indexes` (positions in the sampled video), whose differences are its `frame_delta`.
+    """
+    index = [round(seg["timestamps"][k] * seg["fps"]) for k in keep]
+    return [max(1, b - a) for a, b in zip(index, index[1:])]
 
 
 def _decode_frames(seg, keep: list[int], settings: ImageSettings) -> list[np.ndarray]:
@@ -288,24 +332,28 @@ def _plan_video(b: _Builder, seg, tokenizer, options: PlanOptions) -> None:
                 # A context frame, or the clean copy later frames condition on.
                 b.image(pixels, "vae", rule=rule, fit=False)
         return
+    steps = [*_frame_deltas(seg, keep), 0]  # the clip's last frame is noisy: no advance
     if n_ctx:
         ctx = b.new_group()
-        for frame in frames[:n_ctx]:
-            b.image(frame, "vae", group=ctx, step=1, rule=rule)
+        for frame, step in zip(frames[:n_ctx], steps):
+            b.image(frame, "vae", group=ctx, step=step, rule=rule)
     gen = b.new_group()
-    for i, frame in enumerate(frames[n_ctx:], start=n_ctx):
-        b.image(frame, "vae", noisy=True, t=t_of(), group=gen,
-                step=0 if i == len(frames) - 1 else 1, rule=rule)
+    for frame, step in zip(frames[n_ctx:], steps[n_ctx:]):
+        b.image(frame, "vae", noisy=True, t=t_of(), group=gen, step=step, rule=rule)
 
 
 def _drop_conditions(b: _Builder, options: PlanOptions) -> list[TextItem | ImageItem]:
-    """CFG dropout of items before the last noisy target (groups are dropped whole)."""
+    """CFG dropout of items before the last noisy target (groups are dropped whole).
+
+    A dropped image leaves one RoPE position unused (the next kept item's `gap`), as BAGEL's
+    `pack_sequence` advances its counter for a dropped ViT/VAE image but not for dropped text.
+    """
     noisy = [i for i, it in enumerate(b.items) if isinstance(it, ImageItem) and it.noisy]
     if not noisy:
         return b.items
     prob = {"text": options.text_cond_dropout, "vit": options.vit_cond_dropout,
             "vae": options.vae_cond_dropout}
-    keep, group_kept = [], {}
+    keep, group_kept, gap = [], {}, 0
     for i, (item, tag) in enumerate(zip(b.items, b.cfg)):
         if i < noisy[-1] and tag is not None:
             group = item.group if isinstance(item, ImageItem) else -1
@@ -316,7 +364,11 @@ def _drop_conditions(b: _Builder, options: PlanOptions) -> list[TextItem | Image
                 if group >= 0:
                     group_kept[group] = not drop
             if drop:
+                gap += isinstance(item, ImageItem)
                 continue
+        if gap:
+            item = dataclasses.replace(item, gap=item.gap + gap)
+            gap = 0
         keep.append(item)
     return keep
 
@@ -336,7 +388,7 @@ def plan_record(record: dict, tokenizer, options: PlanOptions, settings: ImageSe
     Raises:
       RecordError: an image or video frame that does not decode or is too large.
     """
-    b = _Builder(settings, rng)
+    b = _Builder(settings, options, rng)
     segments = record["segments"]
     for i, seg in enumerate(segments):
         more_follows = i < len(segments) - 1
