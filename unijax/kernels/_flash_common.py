@@ -16,6 +16,9 @@ every query, is seen only through a shared split.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 
@@ -79,3 +82,30 @@ def check_shapes(backend: str, q: jax.Array, k: jax.Array, head_dims: tuple[int,
 def delta(out: jax.Array, d_out: jax.Array) -> jax.Array:
     """rowsum(dO * O) in float32: [B, L, H, D] x 2 -> [B, H, L] (the softmax backward term)."""
     return jnp.einsum("blhd,blhd->bhl", d_out.astype(jnp.float32), out.astype(jnp.float32))
+
+
+def with_flash_vjp(forward: Callable, backward: Callable) -> Callable:
+    """Wires a kernel pair into one differentiable `flash(cfg, q, k, v, q_meta, kv_meta)`.
+
+    Args:
+      forward: (cfg, q, k, v, q_meta, kv_meta) -> (out, lse); lse is the logsumexp residual.
+      backward: (cfg, q, k, v, q_meta, kv_meta, out, lse, d_out) -> (dq, dk, dv).
+
+    `cfg` is static (hashable); the metadata gets no cotangent.
+    """
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+    def flash(cfg, q, k, v, q_meta, kv_meta):
+        return forward(cfg, q, k, v, q_meta, kv_meta)[0]
+
+    def flash_fwd(cfg, q, k, v, q_meta, kv_meta):
+        out, lse = forward(cfg, q, k, v, q_meta, kv_meta)
+        return out, (q, k, v, q_meta, kv_meta, out, lse)
+
+    def flash_bwd(cfg, residuals, d_out):
+        q, k, v, q_meta, kv_meta, out, lse = residuals
+        dq, dk, dv = backward(cfg, q, k, v, q_meta, kv_meta, out, lse, d_out)
+        return dq, dk, dv, None, None
+
+    flash.defvjp(flash_fwd, flash_bwd)
+    return flash

@@ -345,23 +345,7 @@ def _backward(cfg: TpuConfig, q, k, v, q_meta, kv_meta, out, lse, d_out):
 # ------------------------------------------------------------------------------------------
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash(cfg, q, k, v, q_meta, kv_meta):
-    return _forward(cfg, q, k, v, q_meta, kv_meta)[0]
-
-
-def _flash_fwd(cfg, q, k, v, q_meta, kv_meta):
-    out, lse = _forward(cfg, q, k, v, q_meta, kv_meta)
-    return out, (q, k, v, q_meta, kv_meta, out, lse)
-
-
-def _flash_bwd(cfg, residuals, d_out):
-    q, k, v, q_meta, kv_meta, out, lse = residuals
-    dq, dk, dv = _backward(cfg, q, k, v, q_meta, kv_meta, out, lse, d_out)
-    return dq, dk, dv, None, None
-
-
-_flash.defvjp(_flash_fwd, _flash_bwd)
+_flash = common.with_flash_vjp(_forward, _backward)
 
 
 def _head_major(x):
