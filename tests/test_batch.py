@@ -134,3 +134,30 @@ def test_validate_rejects_wrong_dtype():
     bad = dataclasses.replace(batch, position=batch.position.astype(np.float32))
     with pytest.raises(batch_lib.BatchError, match="position: dtype float32"):
         batch_lib.validate(bad)
+
+
+def test_validate_accepts_uint8_pixels_and_rejects_other_payload_dtypes():
+    batch = _edit_batch()
+    u8 = dataclasses.replace(batch, vit_patches=batch.vit_patches.astype(np.uint8),
+                             vae_images=batch.vae_images.astype(np.uint8))
+    batch_lib.validate(u8, latent_tokens_per_image=4)
+    for name, dtype in [("vit_patches", np.float64), ("vae_images", np.int32),
+                        ("vae_images", np.float16)]:
+        bad = dataclasses.replace(batch, **{name: getattr(batch, name).astype(dtype)})
+        with pytest.raises(batch_lib.BatchError, match=f"{name}: dtype {np.dtype(dtype)}"):
+            batch_lib.validate(bad)
+
+
+def test_normalize_pixels_maps_bytes_to_unit_range_for_numpy_and_jax():
+    px = np.arange(256, dtype=np.uint8)
+    out = batch_lib.normalize_pixels(px)
+    assert isinstance(out, np.ndarray) and out.dtype == np.float32
+    assert out[0] == -1.0 and out[255] == 1.0 and np.all(np.diff(out) > 0)
+    np.testing.assert_allclose(out, px / 127.5 - 1, atol=1e-7)
+    jout = batch_lib.normalize_pixels(jax.numpy.asarray(px))
+    assert isinstance(jout, jax.Array) and jout.dtype == np.float32
+    np.testing.assert_array_equal(np.asarray(jout), out)  # host and device agree exactly
+    np.testing.assert_array_equal(np.asarray(jax.jit(batch_lib.normalize_pixels)(px)), out)
+    floats = np.array([-1.0, 0.25, 1.0], np.float64)
+    passed = batch_lib.normalize_pixels(floats)  # already in [-1, 1]: only cast
+    assert passed.dtype == np.float32 and passed.tolist() == [-1.0, 0.25, 1.0]

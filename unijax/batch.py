@@ -34,22 +34,31 @@ Per-token fields, shape [B, L] with L = num_und + num_gen (padding value in brac
                        (max_side: the ViT's `max_grid` / the model's `max_latent_size`) [0].
 
 Image payloads:
-  vit_patches   f32 [B, P, p*p*3]  ViT patches, pixels in [-1, 1], each flattened in
-                                   (row-in-patch, col-in-patch, channel) order [0].
+  vit_patches   u8|f32 [B, P, p*p*3]  ViT patches, each flattened in (row-in-patch,
+                                   col-in-patch, channel) order [0].
   vit_patch_rc  int32 [B, P, 2]    (row, col) of the patch in its image's patch grid [0].
   vit_grid_hw   int32 [B, P, 2]    patch grid (h, w) of the patch's image [0].
   vit_image_id  int32 [B, P]       NaViT image id, 1.. per row (patches of one image attend only
                                    to each other); 0 = padding [0].
-  vae_images    f32 [B, N, H, W, 3] images for the VAE side, in [-1, 1], top-left aligned in
-                                   the H x W canvas, zero padded [0].
+  vae_images    u8|f32 [B, N, H, W, 3] images for the VAE side, top-left aligned in the
+                                   H x W canvas [0]; the model reads only each image's
+                                   `vae_grid_hw` area and sees the rest as 0 in [-1, 1] (BAGEL
+                                   pads normalised images with zeros).
   vae_grid_hw   int32 [B, N, 2]    latent-token grid (h, w) of each image; (0, 0) = empty slot.
   vae_timestep  f32 [B, N]         flow time t in [0, 1] of each image before any shift;
                                    0 = clean (conditioning) image [0].
+
+Pixel dtype of `vit_patches` and `vae_images` (each field on its own): uint8, raw pixels
+0..255, which is 4x less to move from host to device than float and is what the data pipeline
+emits; or float32, already in [-1, 1] (test and notebook batches). The model maps both with
+`normalize_pixels` (x / 127.5 - 1 for uint8), so data and model share one formula.
 
 Static (pytree metadata): `num_und`.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 from flax import struct
@@ -123,6 +132,26 @@ _DTYPES = {
     "vit_grid_hw": np.int32, "vit_image_id": np.int32, "vae_images": np.float32,
     "vae_grid_hw": np.int32, "vae_timestep": np.float32,
 }
+# Pixel payloads: raw uint8 pixels or float32 in [-1, 1] (`_DTYPES` holds the float default).
+PIXEL_FIELDS = ("vit_patches", "vae_images")
+PIXEL_DTYPES = (np.dtype(np.uint8), np.dtype(np.float32))
+
+
+def normalize_pixels(x: Any) -> Any:
+    """Pixel payload -> float32 in [-1, 1], for numpy and jax arrays alike.
+
+    uint8 pixels in [0, 255] map to x / 127.5 - 1 (BAGEL's Normalize(0.5, 0.5): 0 -> -1,
+    255 -> 1); float pixels are taken as already in [-1, 1] and only cast to float32. The
+    result keeps the input's shape and array type (numpy in, numpy out; jax in, jax out).
+    """
+    if not hasattr(x, "dtype"):
+        x = np.asarray(x)
+    if x.dtype == np.uint8:
+        # Written as (x - 127.5) * (1 / 127.5): the subtraction is exact, so one rounding
+        # remains and numpy, eager jax and any XLA fusion agree bit for bit (XLA turns a
+        # division by a constant into a multiply and may fuse multiply-subtract into an FMA).
+        return (x.astype(np.float32) - np.float32(127.5)) * np.float32(1 / 127.5)
+    return x.astype(np.float32)
 
 
 class BatchError(ValueError):
@@ -142,7 +171,11 @@ def validate(batch: PackedBatch, latent_tokens_per_image: int | None = None) -> 
     b = {name: np.asarray(getattr(batch, name)) for name in _DTYPES}
     bsz, length = b["modality"].shape
     for name, dtype in _DTYPES.items():
-        if b[name].dtype != dtype:
+        if name in PIXEL_FIELDS:
+            if b[name].dtype not in PIXEL_DTYPES:
+                raise BatchError(f"{name}: dtype {b[name].dtype}, expected uint8 (pixels 0..255)"
+                                 f" or float32 (in [-1, 1])")
+        elif b[name].dtype != dtype:
             raise BatchError(f"{name}: dtype {b[name].dtype}, expected {np.dtype(dtype)}")
         if name in TOKEN_FIELDS and b[name].shape != (bsz, length):
             raise BatchError(f"{name}: shape {b[name].shape}, expected {(bsz, length)}")

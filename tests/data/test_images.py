@@ -83,3 +83,17 @@ def test_patchify_round_trip_and_order(rng):
     np.testing.assert_array_equal(images.unpatchify(patches, (2, 3), 4), px)
     pic = synth.picture(rng)
     np.testing.assert_array_equal(images.denormalize(images.normalize(pic)), pic)
+
+
+def test_resize_is_the_uint8_resize_normalised_with_the_model_formula(rng):
+    from unijax.batch import normalize_pixels
+
+    img = synth.picture(rng, 30, 120)
+    rule = images.ResizeRule(32, 16, 4)
+    pixels = images.resize_uint8(img, rule, np.random.default_rng(5))
+    assert pixels.dtype == np.uint8  # rounded once, what plans and packed rows carry
+    np.testing.assert_array_equal(images.resize(img, rule, np.random.default_rng(5)),
+                                  normalize_pixels(pixels))
+    np.testing.assert_array_equal(images.normalize(pixels), normalize_pixels(pixels))
+    with pytest.raises(ValueError, match="dtype float32"):
+        images.normalize(pixels.astype(np.float32))

@@ -4,6 +4,7 @@ without the look-ahead buffer, and the buffer's order and fill."""
 import dataclasses
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -19,7 +20,8 @@ SPEC = packing.PackSpec(num_und=64, num_gen=32, max_vit_patches=24, max_vae_imag
 
 
 def _pixels(rng, h, w, stride):
-    return rng.uniform(-1, 1, (h * stride, w * stride, 3)).astype(np.float32)
+    """Resized pixels as plans carry them: uint8."""
+    return rng.integers(0, 256, (h * stride, w * stride, 3), dtype=np.uint8)
 
 
 def test_layout_matches_batch_builder():
@@ -36,16 +38,45 @@ def test_layout_matches_batch_builder():
                      DocKey("a", "p", 1)),
     ]
     got = packing.layout([plans, [plans[1]]], SPEC)
+    # batch_builder takes float pixels in [-1, 1]: the same images, normalised on the host.
+    vit_f, clean_f, noisy_f = (batch_lib.normalize_pixels(x) for x in (vit_px, clean_px, noisy_px))
     want = bb.build(
-        [[[bb.text(ids), bb.vae_image(4, 3, True, 0.25, noisy_px), bb.vae_image(4, 3, False, 0,
-                                                                              noisy_px),
-           bb.vit_image(2, 3, vit_px), bb.text([9, 10], loss=True)],
-          [bb.vae_image(2, 2, pixels=clean_px), bb.text([1], loss=True)]],
-         [[bb.vae_image(2, 2, pixels=clean_px), bb.text([1], loss=True)]]],
+        [[[bb.text(ids), bb.vae_image(4, 3, True, 0.25, noisy_f), bb.vae_image(4, 3, False, 0,
+                                                                             noisy_f),
+           bb.vit_image(2, 3, vit_f), bb.text([9, 10], loss=True)],
+          [bb.vae_image(2, 2, pixels=clean_f), bb.text([1], loss=True)]],
+         [[bb.vae_image(2, 2, pixels=clean_f), bb.text([1], loss=True)]]],
         num_und=64, num_gen=32, latent_grid=(4, 4), latent_cell=2, vit_patch_size=2,
         vit_max_grid=8, max_latent_size=8, max_vit_patches=24, max_vae_images=3)
+    assert got["vit_patches"].dtype == got["vae_images"].dtype == np.uint8
+    batch_lib.validate(packing.to_packed_batch(got, SPEC), latent_tokens_per_image=16)
     for name in got:
-        np.testing.assert_array_equal(got[name], getattr(want, name), err_msg=name)
+        value, expected = got[name], getattr(want, name)
+        if name in batch_lib.PIXEL_FIELDS:
+            # The model's view: normalised pixels inside each image, padding (uint8 0) ignored.
+            live = _live_pixels(name, got, SPEC)
+            assert not value[~live].any(), name
+            value, expected = batch_lib.normalize_pixels(value)[live], expected[live]
+        np.testing.assert_array_equal(value, expected, err_msg=name)
+
+
+def _live_pixels(name, arrays, spec):
+    """Mask of the payload entries that belong to an image (broadcast over channels)."""
+    if name == "vit_patches":
+        return np.broadcast_to((arrays["vit_image_id"] > 0)[..., None], arrays[name].shape)
+    h, w = arrays[name].shape[2:4]
+    extent = arrays["vae_grid_hw"] * spec.latent_cell
+    inside = (np.arange(h)[:, None] < extent[..., 0, None, None]) & \
+        (np.arange(w)[None, :] < extent[..., 1, None, None])
+    return np.broadcast_to(inside[..., None], arrays[name].shape)
+
+
+def test_float_plan_pixels_are_rejected_not_requantised():
+    px = np.zeros((4, 4, 3), np.float32)
+    plan = SequencePlan([ImageItem("vae", px, (2, 2)), TextItem(np.array([1], np.int32), True)],
+                        DocKey("f", "p", 0))
+    with pytest.raises(ValueError, match=r"grid=\(2, 2\)\).pixels: dtype float32"):
+        packing.layout([[plan]], SPEC)
 
 
 # --- property tests -------------------------------------------------------------------------
@@ -141,8 +172,8 @@ def same(a, b):
         return False
     if a[0] == "text":
         return a[1] == b[1] and a[2] == b[2]
-    return (np.array_equal(a[1], b[1]) and a[2] == b[2] and np.isclose(a[3], b[3], atol=1e-6)
-            and tuple(a[4]) == tuple(b[4]))
+    return (a[1].dtype == b[1].dtype and np.array_equal(a[1], b[1]) and a[2] == b[2]
+            and np.isclose(a[3], b[3], atol=1e-6) and tuple(a[4]) == tuple(b[4]))
 
 
 @settings(max_examples=30, deadline=None)
@@ -159,6 +190,7 @@ def test_packing_keeps_every_token_image_and_document_apart(plans, batch_size, o
     assert all(fitted[k][0] is None for k, _ in dropped)
     for batch, batch_docs in zip(batches, docs):
         batch_lib.validate(batch, latent_tokens_per_image=16)
+        assert batch.vit_patches.dtype == batch.vae_images.dtype == np.uint8
         b = batch
         for r, row in enumerate(batch_docs):
             used = np.sum([fitted[DocKey(*k)][0].cost() for k in row], axis=0) if row else 0

@@ -125,6 +125,44 @@ def test_forward_shapes_and_end_to_end_mask(name):
     assert not np.allclose(out3.logits[0][later_text], out.logits[0][later_text])
 
 
+def _uint8_and_float_batches(config):
+    """`_batch` with random uint8 pixels (padding included) and its float twin: the same pixels
+    normalised on the host, with the float contract's zero padding outside each image."""
+    batch = _batch(config)
+    rng = np.random.default_rng(1)
+    vit_u8 = rng.integers(0, 256, batch.vit_patches.shape, dtype=np.uint8)
+    vae_u8 = rng.integers(0, 256, batch.vae_images.shape, dtype=np.uint8)
+    cell = config_lib.latent_cell(config.model)
+    h, w = vae_u8.shape[2:4]
+    extent = batch.vae_grid_hw * cell
+    inside = (np.arange(h)[:, None] < extent[..., 0, None, None]) & \
+        (np.arange(w)[None, :] < extent[..., 1, None, None])
+    vae_f = np.where(inside[..., None], batch_lib.normalize_pixels(vae_u8), 0.0)
+    u8 = batch.replace(vit_patches=vit_u8, vae_images=vae_u8)
+    f32 = batch.replace(vit_patches=batch_lib.normalize_pixels(vit_u8),
+                        vae_images=vae_f.astype(np.float32))
+    return u8, f32
+
+
+@pytest.mark.parametrize("name", ["tiny_pixels", "tiny_vae"])
+def test_uint8_pixels_give_the_outputs_of_host_normalised_floats(name):
+    config = _CONFIGS[name]()
+    model = _model(name)
+    u8, f32 = _uint8_and_float_batches(config)
+    batch_lib.validate(u8, latent_tokens_per_image=GRID[0] * GRID[1])
+    batch_lib.validate(f32, latent_tokens_per_image=GRID[0] * GRID[1])
+    tokens_u8, tokens_f32 = _latents(model, u8), _latents(model, f32)
+    np.testing.assert_allclose(tokens_u8, tokens_f32, atol=1e-6)
+    out_u8, out_f32 = _forward(model, u8, tokens_u8), _forward(model, f32, tokens_f32)
+    for field in ("logits", "velocity", "hidden"):
+        np.testing.assert_allclose(getattr(out_u8, field), getattr(out_f32, field), atol=1e-6,
+                                   err_msg=field)
+    # The pixels do reach the model: other pixels, other outputs.
+    other = u8.replace(vit_patches=255 - u8.vit_patches, vae_images=255 - u8.vae_images)
+    assert not np.allclose(_latents(model, other), tokens_u8)
+    assert not np.allclose(_forward(model, other, tokens_u8).logits, out_u8.logits)
+
+
 def test_embeddings_are_placed_by_payload_index():
     config = tiny.get_config()
     model = _model("tiny_pixels")

@@ -9,7 +9,9 @@ a discrete set of resolution buckets that fits the canvas.
 
 When the short-side minimum pushes the long side past `max_size` (extreme aspect ratios) the
 long side is cropped: at a random offset from the given numpy Generator, centred without one,
-so a transform is deterministic under a seed. Pixels come out float32 in [-1, 1].
+so a transform is deterministic under a seed. Pixels come out uint8 (`resize_uint8`: the
+resized pixels rounded once, what plans and packed batches carry); `resize` and `normalize` give
+float32 in [-1, 1] with the model's formula (`batch.normalize_pixels`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import numpy as np
 from einops import rearrange
 from PIL import Image
 
+from unijax.batch import normalize_pixels
 from unijax.data.records import RecordError
 
 DEFAULT_MAX_PIXELS = 64 * 1024 * 1024
@@ -135,8 +138,12 @@ def resize(image: np.ndarray, rule: ResizeRule,
 
 
 def normalize(image: np.ndarray) -> np.ndarray:
-    """uint8 [..., 3] in [0, 255] -> float32 in [-1, 1] (BAGEL's Normalize(0.5, 0.5))."""
-    return image.astype(np.float32) / 127.5 - 1.0
+    """uint8 [..., 3] in [0, 255] -> float32 in [-1, 1] (BAGEL's Normalize(0.5, 0.5));
+    `batch.normalize_pixels`, the formula the model applies to uint8 payloads."""
+    image = np.asarray(image)
+    if image.dtype != np.uint8:
+        raise ValueError(f"normalize: pixels of dtype {image.dtype}, expected uint8")
+    return normalize_pixels(image)
 
 
 def denormalize(pixels: np.ndarray) -> np.ndarray:

@@ -17,6 +17,10 @@ images in one span) whose tokens share one RoPE position, after which the positi
 the item's step (0 for a noisy image, the frame-index delta inside a video clip). Positions of
 images dropped for CFG stay unused (an item's `gap`). Markers and ViT tokens fill the und
 slice, VAE latents the gen slice. Layout is vectorised per item, not per token.
+
+Pixels stay uint8 from decode to device: plans carry the resized uint8 pixels and the rows'
+`vit_patches` / `vae_images` are uint8 copies of them (the model normalises with
+`batch.normalize_pixels`), a quarter of the float bytes per step.
 """
 
 from __future__ import annotations
@@ -231,20 +235,28 @@ def empty_arrays(batch_size: int, spec: PackSpec) -> dict[str, np.ndarray]:
     gh, gw = spec.latent_grid
     b, p, n = batch_size, spec.max_vit_patches, spec.max_vae_images
     out.update(
-        vit_patches=np.zeros((b, p, spec.vit_patch * spec.vit_patch * 3), np.float32),
+        vit_patches=np.zeros((b, p, spec.vit_patch * spec.vit_patch * 3), np.uint8),
         vit_patch_rc=np.zeros((b, p, 2), np.int32),
         vit_grid_hw=np.zeros((b, p, 2), np.int32),
         vit_image_id=np.zeros((b, p), np.int32),
-        vae_images=np.zeros((b, n, gh * spec.latent_cell, gw * spec.latent_cell, 3), np.float32),
+        vae_images=np.zeros((b, n, gh * spec.latent_cell, gw * spec.latent_cell, 3), np.uint8),
         vae_grid_hw=np.zeros((b, n, 2), np.int32),
         vae_timestep=np.zeros((b, n), np.float32),
     )
     return out
 
 
-def _float_pixels(pixels: np.ndarray) -> np.ndarray:
-    """Plans carry uint8 pixels (compact between processes); rows hold [-1, 1] floats."""
-    return images_lib.normalize(pixels) if pixels.dtype == np.uint8 else pixels
+def _uint8_pixels(item: ImageItem) -> np.ndarray:
+    """The item's pixels, which rows copy as they are (uint8, never re-quantised here).
+
+    Raises:
+      ValueError: for pixels of another dtype (e.g. float in [-1, 1]): a packed row holds raw
+        uint8 pixels only; build float batches with `unijax.batch_builder`.
+    """
+    if item.pixels.dtype != np.uint8:
+        raise ValueError(f"ImageItem({item.kind!r}, grid={item.grid}).pixels: dtype "
+                         f"{item.pixels.dtype}, packing needs uint8 pixels in [0, 255]")
+    return item.pixels
 
 
 class _RowWriter:
@@ -291,7 +303,7 @@ class _RowWriter:
             lo = self.vit
             self.vit += n
             self.vit_img += 1
-            out["vit_patches"][r, lo:lo + n] = images_lib.patchify(_float_pixels(item.pixels),
+            out["vit_patches"][r, lo:lo + n] = images_lib.patchify(_uint8_pixels(item),
                                                                    self.spec.vit_patch)
             out["vit_patch_rc"][r, lo:lo + n] = np.stack([rows, cols], -1)
             out["vit_grid_hw"][r, lo:lo + n] = (h, w)
@@ -304,7 +316,7 @@ class _RowWriter:
             self.vae += 1
             gh, gw = self.spec.latent_grid
             ph, pw = item.pixels.shape[:2]
-            out["vae_images"][r, slot, :ph, :pw] = _float_pixels(item.pixels)
+            out["vae_images"][r, slot, :ph, :pw] = _uint8_pixels(item)
             out["vae_grid_hw"][r, slot] = (h, w)
             out["vae_timestep"][r, slot] = item.t if item.noisy else 0.0
             self._put(self.gen, n, modality=batch_lib.VAE,

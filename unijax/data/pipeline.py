@@ -11,7 +11,8 @@
 
 Rows travel between processes as plans (uint8 pixels of the actual images), and the fixed-shape
 arrays are only built in the main process: the padded canvases of BAGEL-sized rows (8 VAE
-slots of 1024^2 float pixels: 100 MB a row) would otherwise be copied through shared memory.
+slots of 1024^2 pixels: 25 MB a row as uint8) would otherwise be copied through shared memory.
+Batches keep the pixels uint8 up to the device (`batch.normalize_pixels` runs in the model).
 
 A record that fails (msgpack garbage, unknown schema version, missing field, truncated image,
 corrupt video frame, image over `config.data.max_image_pixels`, document too long for a row)

@@ -169,8 +169,8 @@ class ImageItem:
 
     Attributes:
       kind: "vit" or "vae".
-      pixels: [gh * stride, gw * stride, 3], uint8 in [0, 255] as planned from records
-        (normalised to [-1, 1] at packing) or float32 already in [-1, 1].
+      pixels: [gh * stride, gw * stride, 3], uint8 in [0, 255]: the resized pixels, rounded
+        once; packed rows carry them as they are (the model normalises them).
       grid: (gh, gw) ViT patches or latent tokens.
       noisy: a generation target (flow loss at time t); False for conditioning.
       t: flow time in (0, 1] when noisy, else 0.

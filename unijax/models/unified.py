@@ -16,6 +16,10 @@ Input embeddings, per token of an expert-major PackedBatch row:
   VAE   `vae2llm(latent_tokens[payload_index]) + time_embedder(t[image]) +
         sincos_2d(patch_pos, max_latent_size)`;
   PAD   zeros.
+Pixel payloads (`vit_patches`, `vae_images`) may be uint8 or float32; they enter the model
+through `batch.normalize_pixels` (uint8 x / 127.5 - 1), inside the jitted step, so uint8 is what
+travels to the device. Canvas pixels outside an image's `vae_grid_hw` area are set to 0 (in
+[-1, 1]) before encoding, BAGEL's padding, whatever the batch holds there.
 Latent tokens are the VAE latents of `vae_images` (scaled, `z = s (sample - shift)`, frozen:
 `FrozenParam` weights under `stop_gradient`) patchified `latent_patch_size` x
 `latent_patch_size` with features in (p_row, p_col, channel) order, row-major over each canvas'
@@ -37,7 +41,8 @@ import ml_collections
 from einops import rearrange
 from flax import nnx, struct
 
-from unijax.batch import PAD, VAE, VIT, PackedBatch
+from unijax import config as config_lib
+from unijax.batch import PAD, VAE, VIT, PackedBatch, normalize_pixels
 from unijax.models import mot, param_count
 from unijax.models.embeddings import TimestepEmbedder, sincos_2d
 from unijax.models.layers import Dense
@@ -85,6 +90,7 @@ class UnifiedModel(nnx.Module):
         self.patch = int(model.latent_patch_size)
         self.latent_channels = int(model.latent_channels)
         self.max_latent_size = int(model.max_latent_size)
+        self.latent_cell = config_lib.latent_cell(model)  # pixels per latent-token side
         token_dim = self.patch * self.patch * self.latent_channels
 
         self.llm = mot.MoTDecoder(self.llm_config, rngs=rngs)
@@ -124,7 +130,8 @@ class UnifiedModel(nnx.Module):
         """Clean latent tokens of `batch.vae_images`, no gradient.
 
         Args:
-          batch: the PackedBatch (`vae_images` [B, N, H, W, 3] in [-1, 1]).
+          batch: the PackedBatch (`vae_images` [B, N, H, W, 3], uint8 or float32 in [-1, 1];
+            pixels outside each image's `vae_grid_hw` area are read as 0 in [-1, 1]).
           rng: samples the VAE posterior when given and `config.model.vae.sample_posterior`
             (BAGEL's training); otherwise the posterior mean is used.
 
@@ -132,7 +139,7 @@ class UnifiedModel(nnx.Module):
           [B, N * gh * gw, p*p*C] float32, gh = H / (downsample * p), gw likewise;
           token `image * gh * gw + r * gw + c` is PackedBatch's VAE `payload_index`.
         """
-        images = jnp.asarray(batch.vae_images, jnp.float32)
+        images = self.vae_pixels(batch)
         b, n = images.shape[:2]
         flat = rearrange(images, "b n h w c -> (b n) h w c")
         if self.vae is not None:
@@ -141,6 +148,15 @@ class UnifiedModel(nnx.Module):
             latents = flat
         latents = jax.lax.stop_gradient(latents)
         return patchify(rearrange(latents, "(b n) h w c -> b n h w c", b=b, n=n), self.patch)
+
+    def vae_pixels(self, batch: PackedBatch) -> jax.Array:
+        """`batch.vae_images` as float32 [B, N, H, W, 3] in [-1, 1], zero outside each image's
+        `vae_grid_hw` * latent_cell area (so uint8 and float canvases encode alike)."""
+        images = normalize_pixels(jnp.asarray(batch.vae_images))
+        extent = jnp.asarray(batch.vae_grid_hw) * self.latent_cell  # [B, N, 2] pixels
+        rows = jnp.arange(images.shape[2])[None, None, :, None] < extent[..., 0, None, None]
+        cols = jnp.arange(images.shape[3])[None, None, None, :] < extent[..., 1, None, None]
+        return jnp.where((rows & cols)[..., None], images, 0.0)
 
     def decode_latent_tokens(self, tokens: jax.Array, grid: tuple[int, int]) -> jax.Array:
         """Latent tokens [B, N*gh*gw, p*p*C] -> images [B, N, H, W, 3] (VAE decode, or the
@@ -193,7 +209,8 @@ class UnifiedModel(nnx.Module):
         modality = jnp.asarray(batch.modality)[:, und]
         x = self.llm.embed(jnp.asarray(batch.text_ids)[:, und])
         if self.vit is not None:
-            feats = self.vit(jnp.asarray(batch.vit_patches), jnp.asarray(batch.vit_patch_rc),
+            patches = normalize_pixels(jnp.asarray(batch.vit_patches))
+            feats = self.vit(patches, jnp.asarray(batch.vit_patch_rc),
                              jnp.asarray(batch.vit_grid_hw), jnp.asarray(batch.vit_image_id))
             feats = self.connector(feats)  # [B, P, D]
             index = jnp.clip(jnp.asarray(batch.payload_index)[:, und], 0, feats.shape[1] - 1)
