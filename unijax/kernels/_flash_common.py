@@ -25,6 +25,9 @@ import jax.numpy as jnp
 from unijax.batch import TokenMeta
 
 INT32_MAX = jnp.iinfo(jnp.int32).max
+# dot_general dimension numbers of the two tile products: a @ b.T and a @ b.
+NT = (((1,), (1,)), ((), ()))
+NN = (((1,), (0,)), ((), ()))
 # log2(e): the GPU kernels work in base 2 (exp2 is the cheap instruction).
 LOG2E = 1.4426950408889634
 
@@ -109,3 +112,8 @@ def with_flash_vjp(forward: Callable, backward: Callable) -> Callable:
 
     flash.defvjp(flash_fwd, flash_bwd)
     return flash
+
+
+def dot_f32(a: jax.Array, b: jax.Array, dims) -> jax.Array:
+    """A tile product with float32 accumulation (bf16 inputs stay bf16 on the MXU/tensor cores)."""
+    return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)

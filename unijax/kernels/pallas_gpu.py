@@ -31,8 +31,6 @@ from unijax.kernels import block_sparsity
 
 HEAD_DIMS = (16, 32, 64, 128, 256)
 NAME = "pallas_gpu"
-_NT = (((1,), (1,)), ((), ()))  # a @ b.T
-_NN = (((1,), (0,)), ((), ()))  # a @ b
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,10 +56,6 @@ def _compiler_params(cfg: GpuConfig, block_a: int, block_b: int, head_dim: int):
     return pl_triton.CompilerParams(num_warps=warps, num_stages=cfg.num_stages)
 
 
-def _dot(a, b, dims):
-    return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
-
-
 # ------------------------------------------------------------------------------------------
 # Forward.
 # ------------------------------------------------------------------------------------------
@@ -79,7 +73,7 @@ def _fwd_kernel(index_ref, npart_ref, nvis_ref, qm_ref, km_ref, q_ref, k_ref, v_
         acc, m, l, visits = carry
         start = pl.multiple_of(index_ref[b, i, t] * block_kv, block_kv)
         kv = pl.ds(start, block_kv)
-        s = _dot(q, k_ref[kv, :], _NT) * qk_scale
+        s = common.dot_f32(q, k_ref[kv, :], common.NT) * qk_scale
         if masked:
             seen = common.visible(q_doc, q_order, q_split, *(km_ref[f, kv][None, :]
                                                              for f in range(3)))
@@ -90,7 +84,7 @@ def _fwd_kernel(index_ref, npart_ref, nvis_ref, qm_ref, km_ref, q_ref, k_ref, v_
         p = jnp.exp2(s - m_safe[:, None])
         alpha = jnp.exp2(m - m_safe)
         v = v_ref[kv, :]
-        acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v, _NN)
+        acc = acc * alpha[:, None] + common.dot_f32(p.astype(v.dtype), v, common.NN)
         return acc, m_new, l * alpha + p.sum(axis=-1), visits + 1
 
     n_part, n_vis = npart_ref[b, i], nvis_ref[b, i]
@@ -165,14 +159,14 @@ def _dq_kernel(index_ref, npart_ref, nvis_ref, qm_ref, km_ref, q_ref, k_ref, v_r
         start = pl.multiple_of(index_ref[b, i, t] * block_kv, block_kv)
         kv = pl.ds(start, block_kv)
         k, v = k_ref[kv, :], v_ref[kv, :]
-        s = _dot(q, k, _NT) * qk_scale
+        s = common.dot_f32(q, k, common.NT) * qk_scale
         if masked:
             seen = common.visible(q_doc, q_order, q_split, *(km_ref[f, kv][None, :]
                                                              for f in range(3)))
             s = jnp.where(seen, s, -jnp.inf)
         p = jnp.exp2(s - lse)
-        ds = p * (_dot(do, v, _NT) - delta)
-        return dq + _dot(ds.astype(k.dtype), k, _NN)
+        ds = p * (common.dot_f32(do, v, common.NT) - delta)
+        return dq + common.dot_f32(ds.astype(k.dtype), k, common.NN)
 
     n_part, n_vis = npart_ref[b, i], nvis_ref[b, i]
     dq = jnp.zeros(q.shape, jnp.float32)
@@ -194,15 +188,15 @@ def _dkv_kernel(index_ref, npart_ref, nvis_ref, qm_ref, km_ref, q_ref, k_ref, v_
         rows = pl.ds(start, block_q)
         q, do = q_ref[rows, head, :], do_ref[rows, head, :]
         # Transposed tile [bk, bq]: keys along rows, so dk/dv accumulate without transposes.
-        s_t = _dot(k, q, _NT) * qk_scale
+        s_t = common.dot_f32(k, q, common.NT) * qk_scale
         if masked:
             seen = common.visible(*(qm_ref[f, rows][None, :] for f in range(3)),
                                   k_doc, k_order, k_split)
             s_t = jnp.where(seen, s_t, -jnp.inf)
         p_t = jnp.exp2(s_t - lse_ref[head, rows][None, :])
-        dv = dv + _dot(p_t.astype(do.dtype), do, _NN)
-        ds_t = p_t * (_dot(v, do, _NT) - delta_ref[head, rows][None, :])
-        return dk + _dot(ds_t.astype(q.dtype), q, _NN), dv
+        dv = dv + common.dot_f32(p_t.astype(do.dtype), do, common.NN)
+        ds_t = p_t * (common.dot_f32(v, do, common.NT) - delta_ref[head, rows][None, :])
+        return dk + common.dot_f32(ds_t.astype(q.dtype), q, common.NN), dv
 
     n_part, n_vis = npart_ref[b, j], nvis_ref[b, j]
 

@@ -36,8 +36,6 @@ from unijax.kernels import block_sparsity
 HEAD_DIMS = (32, 64, 128, 256)
 NAME = "pallas_tpu"
 LANES = 128
-_NT = (((1,), (1,)), ((), ()))  # a @ b.T
-_NN = (((1,), (0,)), ((), ()))  # a @ b
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,10 +48,6 @@ class TpuConfig:
     block_q_bwd: int = 256
     block_kv_bwd: int = 256
     interpret: bool = False
-
-
-def _dot(a, b, dims):
-    return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
 
 
 def _lanes(x, n):
@@ -94,7 +88,7 @@ def _fwd_kernel(index_ref, npart_ref, nvis_ref, q_ref, k_ref, v_ref, qm_ref, km_
             count_ref[0] = 0
 
     def body(masked):
-        s = _dot(q_ref[...], k_ref[...], _NT) * scale
+        s = common.dot_f32(q_ref[...], k_ref[...], common.NT) * scale
         bk = s.shape[1]
         if masked:
             q_fields = [jnp.expand_dims(qm_ref[f], -1) for f in range(3)]
@@ -110,7 +104,7 @@ def _fwd_kernel(index_ref, npart_ref, nvis_ref, q_ref, k_ref, v_ref, qm_ref, km_
         l_ref[...] = alpha * l_ref[...] + lax.broadcast_in_dim(p.sum(axis=-1), m_prev.shape, (0,))
         v = v_ref[...]
         acc_ref[...] = (_lanes(alpha, acc_ref.shape[1]) * acc_ref[...]
-                        + _dot(p.astype(v.dtype), v, _NN))
+                        + common.dot_f32(p.astype(v.dtype), v, common.NN))
         if count_visits:
             count_ref[0] += 1
 
@@ -214,14 +208,14 @@ def _dq_kernel(index_ref, npart_ref, nvis_ref, q_ref, k_ref, v_ref, do_ref, lse_
 
     def body(masked):
         k, v = k_ref[...], v_ref[...]
-        s = _dot(q_ref[...], k, _NT) * scale
+        s = common.dot_f32(q_ref[...], k, common.NT) * scale
         if masked:
             q_fields = [jnp.expand_dims(qm_ref[f], -1) for f in range(3)]
             k_fields = [km_ref[f:f + 1, :] for f in range(3)]
             s = jnp.where(common.visible(*q_fields, *k_fields), s, -jnp.inf)
         p = jnp.exp(s - jnp.expand_dims(lse_ref[0], -1))
-        ds = p * (_dot(do_ref[...], v, _NT) - jnp.expand_dims(delta_ref[0], -1))
-        acc_ref[...] += _dot(ds.astype(k.dtype), k, _NN)
+        ds = p * (common.dot_f32(do_ref[...], v, common.NT) - jnp.expand_dims(delta_ref[0], -1))
+        acc_ref[...] += common.dot_f32(ds.astype(k.dtype), k, common.NN)
 
     visited = t < nvis_ref[row]
     masked = t < npart_ref[row]
@@ -248,15 +242,15 @@ def _dkv_kernel(index_ref, npart_ref, nvis_ref, q_ref, k_ref, v_ref, do_ref, lse
     def body(masked):
         k, v, q, do = k_ref[...], v_ref[...], q_ref[...], do_ref[...]
         # Transposed tile [bk, bq]: keys along rows, so dk/dv accumulate without transposes.
-        s_t = _dot(k, q, _NT) * scale
+        s_t = common.dot_f32(k, q, common.NT) * scale
         if masked:
             q_fields = [qm_ref[f:f + 1, :] for f in range(3)]
             k_fields = [jnp.expand_dims(km_ref[f], -1) for f in range(3)]
             s_t = jnp.where(common.visible(*q_fields, *k_fields), s_t, -jnp.inf)
         p_t = jnp.exp(s_t - lse_ref[...])
-        dv_acc[...] += _dot(p_t.astype(do.dtype), do, _NN)
-        ds_t = p_t * (_dot(v, do, _NT) - delta_ref[...])
-        dk_acc[...] += _dot(ds_t.astype(q.dtype), q, _NN)
+        dv_acc[...] += common.dot_f32(p_t.astype(do.dtype), do, common.NN)
+        ds_t = p_t * (common.dot_f32(v, do, common.NT) - delta_ref[...])
+        dk_acc[...] += common.dot_f32(ds_t.astype(q.dtype), q, common.NN)
 
     visited = t < nvis_ref[row]
     masked = t < npart_ref[row]
