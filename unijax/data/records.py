@@ -237,17 +237,7 @@ def write_records(path: str | os.PathLike, records: Iterable[dict]) -> int:
 
     Every record is validated first, so a shard never holds a record the reader would reject.
     """
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    writer = array_record_module.ArrayRecordWriter(path, ARRAY_RECORD_OPTIONS)
-    count = 0
-    try:
-        for record in records:
-            writer.write(encode_record(record))
-            count += 1
-    finally:
-        writer.close()
-    return count
+    return write_raw(path, (encode_record(record) for record in records))
 
 
 def write_raw(path: str | os.PathLike, payloads: Iterable[bytes]) -> int:
