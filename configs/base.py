@@ -67,6 +67,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.attention.block_kv = 0
     c.attention.block_q_bwd = 0
     c.attention.block_kv_bwd = 0
+    c.attention.interpret = False  # Pallas kernels in the interpreter (CPU tests, debugging)
 
     # --- data --------------------------------------------------------------------------------
     c.data = ml_collections.ConfigDict()

@@ -17,7 +17,7 @@ from unijax.batch import TokenMeta
 from unijax.convert import qwen2 as convert
 from unijax.kernels import mask as mask_lib
 from unijax.kernels.attention import attention
-from unijax.models import flops, mot
+from unijax.models import flops, layers, mot
 from unijax.models.layers import rope_cos_sin
 from unijax.training import sharding
 
@@ -420,3 +420,80 @@ def test_attention_tiles_reach_the_kernel_from_the_config():
     cfg = mot.DecoderConfig.from_config(config)
     assert cfg.attention_blocks == (64, 0, 0, 32)
     assert cfg.attention_impl == "xla" and cfg.attention_chunk_size == 128
+
+
+# ---------------------------------------------------------------------------------------------
+# Pallas backends inside the model, on a mesh: shard_map per (row, kv-head) shard.
+# ---------------------------------------------------------------------------------------------
+
+
+def test_attention_shard_follows_the_mesh_and_the_rules(cpu_devices):
+    mesh = jax.make_mesh((1, 2, 2), sharding.MESH_AXES, axis_types=(AxisType.Auto,) * 3,
+                         devices=cpu_devices[:4])
+    assert layers.attention_shard("pallas_tpu", 2, 2) is None  # no mesh
+    with jax.set_mesh(mesh):
+        assert layers.attention_shard("pallas_tpu", 2, 2) is None  # no rules
+        with nnx.logical_axis_rules(sharding.LOGICAL_RULES):
+            assert layers.attention_shard("xla", 2, 2) is None  # XLA partitions it itself
+            assert layers.attention_shard("pallas_tpu", 2, 2, "kv_heads") == ("fsdp", "tensor")
+            assert layers.attention_shard("cudnn", 2, 3, "kv_heads") == ("fsdp", None)
+            assert layers.attention_shard("pallas_gpu", 1, 4, "kv_heads") == (None, "tensor")
+            assert layers.attention_shard("pallas_gpu", 1, 3, "kv_heads") is None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("impl", ["pallas_tpu", "pallas_gpu"])
+def test_pallas_decoder_on_a_mesh_matches_xla(impl, cpu_devices):
+    """The decoder with a Pallas backend (interpreted) under a (1, 2, 2) mesh: the kernels run
+    under shard_map, and hidden states and gradients equal the unsharded xla decoder's."""
+    base = dataclasses.replace(CFG, head_dim=32)
+    pallas = dataclasses.replace(base, attention_impl=impl, attention_interpret=True,
+                                 attention_blocks=(16, 16, 16, 16))
+    mesh = jax.make_mesh((1, 2, 2), sharding.MESH_AXES, axis_types=(AxisType.Auto,) * 3,
+                         devices=cpu_devices[:4])
+    positions, meta = jnp.asarray(BATCH.position), BATCH.token_meta()
+
+    def loss_and_grads(cfg, x):
+        graphdef, params = nnx.split(mot.MoTDecoder(cfg, rngs=nnx.Rngs(0)), nnx.Param)
+
+        def loss(p):
+            hidden = nnx.merge(graphdef, p)(x, positions, meta, NUM_UND)
+            return jnp.sum(hidden * jnp.cos(hidden)), hidden
+
+        fn = jax.jit(jax.value_and_grad(loss, has_aux=True))
+        return fn, params
+
+    ref_fn, ref_params = loss_and_grads(base, X)
+    (ref_loss, ref_hidden), ref_grads = ref_fn(ref_params)
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.LOGICAL_RULES):
+        x = jax.device_put(X, sharding.named_sharding(mesh, ("batch", "length", None)))
+        fn, params = loss_and_grads(pallas, x)
+        jaxpr = str(jax.make_jaxpr(fn)(params))
+        (value, hidden), grads = fn(params)
+    assert "shard_map" in jaxpr and "pallas_call" in jaxpr
+    np.testing.assert_allclose(hidden, ref_hidden, atol=2e-5, rtol=1e-5)
+    assert float(value) == pytest.approx(float(ref_loss), rel=1e-5)
+    for path, g in _flat(ref_grads).items():
+        np.testing.assert_allclose(_flat(grads)[path], g, atol=2e-5, rtol=1e-4, err_msg=path)
+
+
+def test_load_into_an_abstract_model_built_under_a_mesh(cpu_devices):
+    """convert.load_decoder_params fills a model built by nnx.eval_shape under jax.set_mesh:
+    its shardings name the abstract mesh and are placed on the concrete one."""
+    from unijax.convert.placement import place
+
+    mesh = jax.make_mesh((1, 2, 2), sharding.MESH_AXES, axis_types=(AxisType.Auto,) * 3,
+                         devices=cpu_devices[:4])
+    source = _params(mot.MoTDecoder(CFG, rngs=nnx.Rngs(3)))
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.LOGICAL_RULES):
+        model = nnx.eval_shape(lambda: mot.MoTDecoder(CFG, rngs=nnx.Rngs(0)))
+        convert.load_decoder_params(model, source)
+    q_kernel = model.layers.und.q_proj.kernel[...]
+    expected = jax.sharding.NamedSharding(mesh, jax.P(None, "fsdp", "tensor"))
+    assert q_kernel.sharding.is_equivalent_to(expected, q_kernel.ndim)
+    for path, value in _flat(source).items():
+        np.testing.assert_array_equal(_flat(_params(model))[path], value, err_msg=path)
+    abstract = jax.ShapeDtypeStruct((4,), jnp.float32, sharding=jax.sharding.NamedSharding(
+        mesh.abstract_mesh, jax.P()))
+    with pytest.raises(ValueError, match="concrete mesh"):
+        place(np.zeros(4), abstract)

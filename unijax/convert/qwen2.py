@@ -25,10 +25,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-import jax
 import numpy as np
 from flax import nnx
 
+from unijax.convert.placement import place
 from unijax.models.mot import DecoderConfig
 
 GEN_SUFFIX = "_moe_gen"
@@ -187,7 +187,7 @@ def load_decoder_params(model: nnx.Module, params: Mapping) -> None:
                 raise ValueError(f"load_decoder_params: {where}{key} has shape {new.shape}, "
                                  f"the model expects {value.shape}")
             # Keep the sharding the parameter was created with (e.g. under a mesh).
-            filled[key] = jax.device_put(new.astype(value.dtype), value.sharding)
+            filled[key] = place(new, value)
         return filled
 
     nnx.replace_by_pure_dict(state, fill(target, params, ""))

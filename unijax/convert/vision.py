@@ -25,6 +25,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from unijax.convert.placement import place
 from unijax.models.vae import FrozenParam
 
 
@@ -79,12 +80,7 @@ def load_tree(module: nnx.Module, tree: Mapping, *, what: str) -> None:
                             f"{tuple(expected[name].shape)}")
     if problems:
         raise ValueError(f"{what}: checkpoint does not fit the module: " + "; ".join(problems))
-    placed = {}
-    for name, ref in expected.items():
-        value = np.asarray(given[name]).astype(ref.dtype)
-        sharding = getattr(ref, "sharding", None)
-        placed[name] = (jax.device_put(value, sharding) if sharding is not None
-                        else jax.numpy.asarray(value))
+    placed = {name: place(given[name], ref) for name, ref in expected.items()}
     nnx.replace_by_pure_dict(state, _unflatten(placed))
     nnx.update(module, state)
 

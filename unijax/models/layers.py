@@ -9,11 +9,13 @@ computed in float32 and cast back, as HF Qwen2 does.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from flax.core import spmd as flax_spmd
 
 Initializer = Callable[[jax.Array, Sequence[int], jnp.dtype], jax.Array]
 
@@ -46,6 +48,36 @@ def sharded_param(
     value = init(key, tuple(shape), dtype)
     eager = bool(nnx.using_eager_sharding()) and _mesh_is_set()
     return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=eager)
+
+
+def attention_shard(impl: str, batch_size: int, num_kv_heads: int,
+                    heads_axis: str = "heads") -> tuple | None:
+    """`shard=` for `kernels.attention` under the current mesh and logical axis rules.
+
+    XLA partitions the `xla` backend itself, but not a Pallas or cuDNN custom call: given
+    sharded inputs it would gather them and run the whole attention on every device. So under
+    `jax.set_mesh` + `nnx.logical_axis_rules`, the other backends run per shard (rows split as
+    the `batch` rule says, heads as `heads_axis`'s rule). A split that does not divide the
+    rows (or the kv heads) is dropped; None when nothing is split (no mesh, no rules, `xla`).
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    rules = dict(flax_spmd.get_logical_axis_rules())
+    if impl == "xla" or mesh.empty or not rules:
+        return None
+
+    def axes_for(logical: str, size: int):
+        target = rules.get(logical)
+        names = (target,) if isinstance(target, str) else tuple(target or ())
+        names = tuple(n for n in names if n in mesh.shape and mesh.shape[n] > 1)
+        if not names or size % math.prod(mesh.shape[n] for n in names):
+            return None
+        return names[0] if len(names) == 1 else names
+
+    batch_axes = axes_for("batch", batch_size)
+    head_axes = axes_for(heads_axis, num_kv_heads)
+    if batch_axes is None and head_axes is None:
+        return None
+    return batch_axes, head_axes
 
 
 class RMSNorm(nnx.Module):

@@ -5,7 +5,9 @@ q/k/v/o projections (grouped-query attention; q/k/v biases when `qkv_bias`, none
 per-head QK RMSNorm (`qk_norm`, after the projection and before RoPE), post-attention RMSNorm
 and a SwiGLU MLP; the final norm is per expert too. The token embedding and the LM head are
 shared. One attention runs over all tokens of the row, with the mask computed from the
-PackedBatch metadata by `unijax.kernels.attention`.
+PackedBatch metadata by `unijax.kernels.attention`. Under a mesh and logical axis rules, the
+Pallas and cuDNN backends run per (row, kv-head) shard through `shard_map`
+(`layers.attention_shard`); the `xla` backend is partitioned by XLA.
 
 Routing is static: rows are expert-major, tokens [0, num_und) belong to the und expert (text,
 ViT tokens, image markers) and [num_und, L) to the gen expert (VAE latents). Each expert's
@@ -55,7 +57,8 @@ import ml_collections
 from flax import nnx
 
 from unijax.batch import TokenMeta
-from unijax.kernels.attention import attention
+from unijax.kernels.attention import attention, resolve_auto
+from unijax.models import layers
 from unijax.models.layers import Dense, Embedding, RMSNorm, SwiGLU, apply_rope, rope_cos_sin
 
 REMAT_POLICIES = {
@@ -96,6 +99,8 @@ class DecoderConfig:
     attention_chunk_size: int = 512
     # Pallas tiles (query x key tokens, forward then backward); 0 = the platform default.
     attention_blocks: tuple[int, int, int, int] = (0, 0, 0, 0)
+    # Run the Pallas kernels in the Pallas interpreter (CPU tests and debugging).
+    attention_interpret: bool = False
 
     def __post_init__(self):
         if self.num_experts not in (1, 2):
@@ -119,7 +124,8 @@ class DecoderConfig:
                        ("block_q", "block_kv", "block_q_bwd", "block_kv_bwd"))
         return cls(**values, dtype=config.model.dtype, param_dtype=config.model.param_dtype,
                    attention_impl=config.attention.impl,
-                   attention_chunk_size=config.attention.chunk_size, attention_blocks=blocks)
+                   attention_chunk_size=config.attention.chunk_size, attention_blocks=blocks,
+                   attention_interpret=bool(config.attention.get("interpret", False)))
 
     @property
     def compute_dtype(self) -> jnp.dtype:
@@ -206,9 +212,12 @@ class MoTLayer(nnx.Module):
             vs.append(v)
         cat = lambda parts: parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
         block_q, block_kv, block_q_bwd, block_kv_bwd = cfg.attention_blocks
-        out = attention(cat(qs), cat(ks), cat(vs), meta, impl=cfg.attention_impl,
+        impl = resolve_auto() if cfg.attention_impl == "auto" else cfg.attention_impl
+        shard = layers.attention_shard(impl, x.shape[0], cfg.num_kv_heads, "kv_heads")
+        out = attention(cat(qs), cat(ks), cat(vs), meta, impl=impl,
                         chunk_size=cfg.attention_chunk_size, block_q=block_q,
-                        block_kv=block_kv, block_q_bwd=block_q_bwd, block_kv_bwd=block_kv_bwd)
+                        block_kv=block_kv, block_q_bwd=block_q_bwd, block_kv_bwd=block_kv_bwd,
+                        interpret=cfg.attention_interpret, shard=shard)
         outputs = []
         for (name, a, b), xe in zip(slices, inputs):
             y = getattr(self, name).finish(xe, out[:, a:b])

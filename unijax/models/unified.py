@@ -99,6 +99,7 @@ class UnifiedModel(nnx.Module):
             self.vit = VisionTransformer(
                 model.vit, attention_impl=self.llm_config.attention_impl,
                 chunk_size=self.llm_config.attention_chunk_size,
+                attention_interpret=self.llm_config.attention_interpret,
                 remat_policy=self.llm_config.remat_policy, rngs=rngs, **dt)
             self.connector = GeluMLP(model.vit.hidden_size, d, d, in_axis="vit_embed",
                                      hidden_axis="mlp", out_axis="embed", rngs=rngs, **dt)

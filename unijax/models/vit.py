@@ -27,7 +27,7 @@ from flax import nnx
 
 from unijax.batch import TokenMeta
 from unijax.kernels.attention import attention, resolve_auto
-from unijax.models.layers import Dense, sharded_param
+from unijax.models.layers import Dense, attention_shard, sharded_param
 
 
 class LayerNorm(nnx.Module):
@@ -72,10 +72,12 @@ class VitAttention(nnx.Module):
     """Multi-head self-attention with biases, through `kernels.attention` (mask from meta)."""
 
     def __init__(self, dim: int, num_heads: int, *, attention_impl: str, chunk_size: int,
-                 dtype: jnp.dtype, param_dtype: jnp.dtype, rngs: nnx.Rngs):
+                 interpret: bool = False, dtype: jnp.dtype, param_dtype: jnp.dtype,
+                 rngs: nnx.Rngs):
         head_dim = dim // num_heads
         self.attention_impl = attention_impl
         self.chunk_size = chunk_size
+        self.interpret = interpret
         common = dict(use_bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         qkv = dict(in_axes=("vit_embed",), out_axes=("vit_heads", "head_dim"), **common)
         self.q_proj = Dense((dim,), (num_heads, head_dim), **qkv)
@@ -95,8 +97,10 @@ class VitAttention(nnx.Module):
             # dim 72 to the flash kernels' 128 is exact (the scale stays 1/sqrt(72)).
             widths = ((0, 0), (0, 0), (0, 0), (0, padded - head_dim))
             q, k, v = (jnp.pad(t, widths) for t in (q, k, v))
+        # The Pallas tiles are the backend's defaults (the config's tiles are the decoder's).
         out = attention(q, k, v, meta, impl=impl, scale=head_dim**-0.5,
-                        chunk_size=self.chunk_size)
+                        chunk_size=self.chunk_size, interpret=self.interpret,
+                        shard=attention_shard(impl, x.shape[0], q.shape[2], "vit_heads"))
         return self.out_proj(out[..., :head_dim])
 
 
@@ -112,13 +116,14 @@ class VitLayer(nnx.Module):
     """One pre-LN encoder layer (HF `SiglipEncoderLayer` names)."""
 
     def __init__(self, cfg: ml_collections.ConfigDict, *, attention_impl: str, chunk_size: int,
-                 dtype: jnp.dtype, param_dtype: jnp.dtype, rngs: nnx.Rngs):
+                 attention_interpret: bool = False, dtype: jnp.dtype,
+                 param_dtype: jnp.dtype, rngs: nnx.Rngs):
         d = cfg.hidden_size
         norm = dict(eps=cfg.layer_norm_eps, dtype=dtype, param_dtype=param_dtype)
         self.layer_norm1 = LayerNorm(d, **norm)
         self.self_attn = VitAttention(d, cfg.num_heads, attention_impl=attention_impl,
-                                      chunk_size=chunk_size, dtype=dtype,
-                                      param_dtype=param_dtype, rngs=rngs)
+                                      chunk_size=chunk_size, interpret=attention_interpret,
+                                      dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.layer_norm2 = LayerNorm(d, **norm)
         self.mlp = GeluMLP(d, cfg.intermediate_size, d, in_axis="vit_embed",
                            hidden_axis="vit_mlp", out_axis="vit_embed", dtype=dtype,
@@ -145,9 +150,9 @@ class VisionTransformer(nnx.Module):
     """
 
     def __init__(self, cfg: ml_collections.ConfigDict, *, attention_impl: str = "xla",
-                 chunk_size: int = 512, remat_policy: str = "none",
-                 dtype: jnp.dtype = jnp.float32, param_dtype: jnp.dtype = jnp.float32,
-                 rngs: nnx.Rngs):
+                 chunk_size: int = 512, attention_interpret: bool = False,
+                 remat_policy: str = "none", dtype: jnp.dtype = jnp.float32,
+                 param_dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
         if cfg.hidden_size % cfg.num_heads:
             raise ValueError(f"vit: hidden_size={cfg.hidden_size} is not divisible by "
                              f"num_heads={cfg.num_heads}")
@@ -172,7 +177,8 @@ class VisionTransformer(nnx.Module):
         @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
         def make_layers(rngs):
             return VitLayer(cfg, attention_impl=attention_impl, chunk_size=chunk_size,
-                            dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                            attention_interpret=attention_interpret, dtype=dtype,
+                            param_dtype=param_dtype, rngs=rngs)
 
         self.layers = make_layers(rngs)
         self.post_layernorm = LayerNorm(d, eps=cfg.layer_norm_eps, dtype=dtype,
