@@ -7,15 +7,18 @@ Rows are BAGEL-like packed batches (expert-major: text + ViT tokens and image ma
 first half of the row, VAE latents in the second; several documents per row: text-to-image,
 edits, VQA, interleaved text with noisy + clean VAE and ViT copies of images, plain text;
 padding at the end), built directly with numpy. Each length is also run with one plain causal
-document so the kernels can be compared with cuDNN's causal flash attention.
+document per row (`causal`, comparable with cuDNN's causal flash attention) and with packed
+causal text documents filling the row (`documents`, the mask splash attention expresses with
+segment ids).
 
 Backends: unijax's `pallas_gpu` / `pallas_tpu`, `xla` (chunked reference) and `cudnn` (dense
 mask); baselines: `dense_xla` (`jax.nn.dot_product_attention`, XLA, dense [B, 1, L, L] mask),
-`cudnn_causal` (cuDNN flash with is_causal, on the causal rows only), `splash` (jax's TPU
-splash attention, causal rows only: the packed mask is not a static splash mask) and
-`tokamax` when installed. TFLOP/s count only unmasked work (4 D flops per visible
-(query, key) pair and head forward, 2.5x that backward). Rows are appended to
-benchmarks/RESULTS.md (or --out) with device, date and command.
+`cudnn_causal` (cuDNN flash with is_causal, causal rows), `splash` (jax's TPU splash
+attention: causal rows, and documents rows through segment ids; the packed mask is not a static
+splash mask; K/V heads repeated, splash has no grouped-query layout) and `tokamax` when
+installed (is_causal on causal rows, its runtime dense mask otherwise). TFLOP/s count only
+unmasked work (4 D flops per visible (query, key) pair and head forward, 2.5x that backward).
+Rows are appended to benchmarks/RESULTS.md (or --out) with device, date and command.
 """
 
 from __future__ import annotations
@@ -118,6 +121,26 @@ def causal_meta(num_rows: int, length: int) -> TokenMeta:
                      np.full(shape, -1, np.int32), np.zeros(shape, bool))
 
 
+def documents_meta(rng, num_rows: int, length: int) -> TokenMeta:
+    """Causal text documents of 128..min(4096, length / 2) tokens filling each row (the last
+    one cut to fit)."""
+    doc = np.zeros((num_rows, length), np.int32)
+    for r in range(num_rows):
+        start, d = 0, 0
+        while start < length:
+            d += 1
+            n = min(int(rng.integers(128, max(129, min(4096, length // 2) + 1))), length - start)
+            doc[r, start:start + n] = d
+            start += n
+    order = np.broadcast_to(np.arange(length, dtype=np.int32), doc.shape).copy()
+    return TokenMeta(doc, order, np.full(doc.shape, -1, np.int32), np.zeros(doc.shape, bool))
+
+
+META_BUILDERS = {"packed": packed_meta,
+                 "causal": lambda rng, num_rows, length: causal_meta(num_rows, length),
+                 "documents": documents_meta}
+
+
 def visible_pairs(meta: TokenMeta, chunk: int = 512) -> int:
     """Number of visible (query, key) pairs over all rows, evaluated chunk by chunk."""
     meta = jax.tree.map(jnp.asarray, meta)
@@ -187,32 +210,41 @@ def backends_for(meta: TokenMeta, mask_name: str, platform: str, args) -> dict:
     if mask_name == "causal" and platform == "gpu":
         out["cudnn_causal"] = lambda q, k, v: jax.nn.dot_product_attention(
             q, k, v, is_causal=True, implementation="cudnn")
-    if mask_name == "causal" and platform == "tpu":
-        out["splash"] = _splash_causal
+    if mask_name in ("causal", "documents") and platform == "tpu":
+        segments = jmeta.doc_id if mask_name == "documents" else None
+        out["splash"] = functools.partial(splash, segment_ids=segments)
     try:
-        import tokamax  # noqa: F401
-
-        if mask_name == "causal":
-            out["tokamax"] = lambda q, k, v: tokamax.dot_product_attention(q, k, v,
-                                                                           is_causal=True)
+        import tokamax
     except ImportError:
-        pass
+        tokamax = None
+    if tokamax is not None and mask_name == "causal":
+        out["tokamax"] = lambda q, k, v: tokamax.dot_product_attention(q, k, v, is_causal=True)
+    elif tokamax is not None:
+        allowed = mask_lib.dense_mask(jmeta)[:, None]
+        out["tokamax"] = lambda q, k, v: tokamax.dot_product_attention(q, k, v, mask=allowed)
     return {name: fn for name, fn in out.items() if name in args.backends or
             name in ("cudnn_causal", "splash", "tokamax")}
 
 
-def _splash_causal(q, k, v):
+def splash(q, k, v, segment_ids=None, interpret: bool = False):
+    """jax's TPU splash attention, causal within each segment: q [B, L, H, D], k/v
+    [B, L, Hkv, D] (repeated to H heads), segment_ids [B, L] or None (one causal row)."""
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
     b, length, h, d = q.shape
     group = h // k.shape[2]
     mask = sm.MultiHeadMask([sm.CausalMask((length, length))] * h)
-    kernel = sk.make_splash_mha(mask, head_shards=1, q_seq_shards=1)
+    kernel = sk.make_splash_mha(mask, head_shards=1, q_seq_shards=1, interpret=interpret)
     k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
-    fn = jax.vmap(kernel)
-    out = fn(jnp.swapaxes(q * d**-0.5, 1, 2), jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2))
-    return jnp.swapaxes(out, 1, 2)
+    heads_first = lambda x: jnp.swapaxes(x, 1, 2)
+    if segment_ids is None:
+        out = jax.vmap(kernel)(heads_first(q * d**-0.5), heads_first(k), heads_first(v))
+    else:
+        one = lambda q, k, v, seg: kernel(q, k, v, segment_ids=sk.SegmentIds(q=seg, kv=seg))
+        out = jax.vmap(one)(heads_first(q * d**-0.5), heads_first(k), heads_first(v),
+                            segment_ids)
+    return heads_first(out).astype(q.dtype)
 
 
 # ------------------------------------------------------------------------------------------
@@ -287,7 +319,7 @@ def sweep(args, emit) -> None:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--lengths", default="4096,8192,16384,32768")
-    parser.add_argument("--masks", default="packed,causal")
+    parser.add_argument("--masks", default="packed,causal,documents")
     parser.add_argument("--backends", default="pallas_gpu,pallas_tpu,xla,cudnn,dense_xla")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--heads", type=int, default=8)
@@ -302,6 +334,9 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default="benchmarks/RESULTS.md")
     args = parser.parse_args(argv)
     args.backends = args.backends.split(",")
+    unknown = sorted(set(args.masks.split(",")) - set(META_BUILDERS))
+    if unknown:
+        parser.error(f"--masks: unknown {unknown}; known: {sorted(META_BUILDERS)}")
     started = time.time()
     platform = jax.default_backend()
     device = jax.devices()[0].device_kind
@@ -332,8 +367,7 @@ def main(argv=None) -> None:
         v = jax.random.normal(keys[2], (b, length, hkv, d), jnp.bfloat16)
         d_out = jax.random.normal(keys[3], (b, length, h, d), jnp.float32)
         for mask_name in args.masks.split(","):
-            meta = packed_meta(rng, b, length) if mask_name == "packed" else causal_meta(
-                b, length)
+            meta = META_BUILDERS[mask_name](rng, b, length)
             pairs = visible_pairs(meta)
             fwd_flops = 4.0 * d * h * pairs
             bq = args.block_q or (128 if platform == "gpu" else 512)
