@@ -27,6 +27,19 @@ def test_matches_xla_in_bfloat16(impl):
 
 
 @backend
+def test_a_new_layout_reuses_the_compiled_kernels(impl):
+    """The mask and the tile schedule come from metadata arguments: a batch with another layout
+    runs the same compiled program (and still matches the reference)."""
+    run = checks.runner(impl)
+    checks.assert_matches_xla(impl, layouts.fixed_meta())
+    compiled = run._cache_size()
+    other = layouts.build_meta([[[("text", 30), ("noisy", 9)]], [[("vit", 12), ("text", 20)]]],
+                               checks.NUM_UND, checks.NUM_GEN)
+    checks.assert_matches_xla(impl, other)
+    assert run._cache_size() == compiled
+
+
+@backend
 def test_fully_masked_rows_give_zeros(impl):
     checks.check_fully_masked_rows(impl)
 
