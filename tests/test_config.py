@@ -213,3 +213,30 @@ def test_dataset_entry_must_be_a_config_dict(tiny_config):
     with pytest.raises(config_lib.ConfigError, match="config.data.datasets.shapes must be a "
                                                      "ConfigDict"):
         config_lib.validate(tiny_config)
+
+
+@pytest.mark.parametrize("impl,overrides,messages", [
+    # tiny rows are 384 tokens: the TPU's default 256-token backward tiles do not divide them.
+    ("pallas_tpu", {}, ["config.attention.block_q_bwd=0 with rows of config.data.und_capacity "
+                        "+ gen_capacity = 384 tokens", "not a multiple of block_q_bwd=256",
+                        "config.attention.block_kv_bwd=0"]),
+    ("pallas_tpu", {"attention.block_q_bwd": 128, "attention.block_kv_bwd": 128}, []),
+    ("pallas_gpu", {"attention.block_kv": 256}, ["config.attention.block_kv=256 with rows",
+                                                 "not a multiple of block_kv=256"]),
+    ("pallas_gpu", {"model.llm.head_dim": 24}, ["config.model.llm.head_dim=24",
+                                               "head dim 24 is not supported"]),
+    ("pallas_gpu", {"data.max_vit_patches": 100}, ["config.data.max_vit_patches=100 ViT patch "
+                                                   "slots", "not a multiple of block_kv=64"]),
+    ("xla", {"data.max_vit_patches": 100, "model.llm.head_dim": 24}, []),
+])
+def test_pallas_layouts_are_checked_before_compiling(tiny_config, impl, overrides, messages):
+    tiny_config.attention.impl = impl
+    for path, value in overrides.items():
+        _set(tiny_config, path, value)
+    if not messages:
+        config_lib.validate(tiny_config)
+        return
+    with pytest.raises(config_lib.ConfigError) as e:
+        config_lib.validate(tiny_config)
+    for message in messages:
+        assert message in str(e.value)

@@ -108,6 +108,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
 
     _validate_vision(config, check)
     _validate_data(config, check)
+    _validate_kernel_layouts(config, check)
 
     train = config.train
     check(train.steps > 0, f"config.train.steps must be positive, got {train.steps}")
@@ -125,6 +126,37 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     _validate_mesh(config, num_devices, check, errors)
     if errors:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))
+
+
+def _validate_kernel_layouts(config, check) -> None:
+    """The packed rows and the ViT payload must tile for a Pallas attention backend (for
+    impl='auto': the backend of the platform this process runs on)."""
+    from unijax.kernels import attention as attention_lib  # imports jax: only when validating
+
+    name = config.attention.impl
+    if name not in ATTENTION_IMPLS:
+        return  # reported above
+    impl = attention_lib.resolve_auto() if name == "auto" else name
+    interpret = bool(config.attention.get("interpret", False))
+    blocks = tuple(int(config.attention.get(b, 0)) for b in attention_lib.BLOCK_NAMES)
+    llm, data, vit = config.model.llm, config.data, config.model.vit
+    length = data.und_capacity + data.gen_capacity
+    problems = attention_lib.layout_problems(impl, length, llm.head_dim, blocks,
+                                             interpret=interpret)
+    for field, problem in problems.items():
+        where = (f"config.model.llm.head_dim={llm.head_dim}" if field == "head_dim" else
+                 f"config.attention.{field}={config.attention.get(field, 0)} with rows of "
+                 f"config.data.und_capacity + gen_capacity = {length} tokens")
+        check(False, f"{where} (config.attention.impl={name!r}): {problem}")
+    if vit is None or vit.hidden_size % vit.num_heads:
+        return
+    head_dim = attention_lib.kernel_head_dim(impl, vit.hidden_size // vit.num_heads)
+    problems = attention_lib.layout_problems(impl, data.max_vit_patches, head_dim,
+                                             interpret=interpret)
+    for problem in problems.values():
+        check(False, f"config.data.max_vit_patches={data.max_vit_patches} ViT patch slots per "
+              f"row (config.attention.impl={name!r}; the ViT runs the backend's default "
+              f"tiles): {problem}")
 
 
 def _validate_vision(config, check) -> None:

@@ -34,6 +34,7 @@ from einops import rearrange
 from jax.sharding import PartitionSpec as P
 
 from unijax.batch import TokenMeta
+from unijax.kernels import _flash_common as common
 from unijax.kernels import mask as mask_lib
 
 
@@ -104,9 +105,51 @@ def resolve_auto(platform: str | None = None) -> str:
             "rocm": "pallas_gpu"}.get(platform, "xla")
 
 
+BLOCK_NAMES = ("block_q", "block_kv", "block_q_bwd", "block_kv_bwd")
+
+
+def _pallas_module(impl: str):
+    if impl == "pallas_tpu":
+        from unijax.kernels import pallas_tpu as module
+    else:
+        from unijax.kernels import pallas_gpu as module
+    return module
+
+
+def kernel_head_dim(impl: str, head_dim: int) -> int:
+    """The head dim to run `impl` with: the Pallas kernels get a power of two >= 64, other
+    head dims are zero-padded up to one (exact: zero features add nothing to q.k and give zero
+    outputs; keep the scale of the true head dim); xla and cudnn take any head dim."""
+    if impl in ("xla", "cudnn") or (head_dim >= 64 and head_dim & (head_dim - 1) == 0):
+        return head_dim
+    return max(64, 1 << (head_dim - 1).bit_length())
+
+
+def layout_problems(impl: str, length: int, head_dim: int, blocks=(0, 0, 0, 0), *,
+                    interpret: bool = False) -> dict[str, str]:
+    """Why rows of `length` tokens with heads of `head_dim` cannot run on `impl` with these
+    tiles ((block_q, block_kv, block_q_bwd, block_kv_bwd), 0: the backend's default), keyed
+    by "head_dim" or the block's name; empty when they can. Lets a config fail before anything
+    compiles."""
+    if impl not in ("pallas_tpu", "pallas_gpu"):
+        return {}
+    module = _pallas_module(impl)
+    problems = {}
+    if head_dim not in module.HEAD_DIMS:
+        problems["head_dim"] = (f"{impl}: head dim {head_dim} is not supported; supported: "
+                                f"{module.HEAD_DIMS}")
+    for name, block, default in zip(BLOCK_NAMES, blocks, module.DEFAULT_BLOCKS):
+        try:
+            common.resolve_block(impl, name, block or default, length,
+                                 module.tile_multiple(interpret))
+        except ValueError as e:
+            problems[name] = str(e) + ("" if block else " (the backend's default)")
+    return problems
+
+
 def kwargs_from_config(attention_config) -> dict:
     """`config.attention` -> keyword arguments of `attention` (impl, chunk size, blocks)."""
-    keys = ("impl", "chunk_size", "block_q", "block_kv", "block_q_bwd", "block_kv_bwd")
+    keys = ("impl", "chunk_size", *BLOCK_NAMES)
     return {key: attention_config[key] for key in keys if key in attention_config}
 
 

@@ -31,6 +31,15 @@ from unijax.kernels import block_sparsity
 
 HEAD_DIMS = (16, 32, 64, 128, 256)
 NAME = "pallas_gpu"
+# (block_q, block_kv, block_q_bwd, block_kv_bwd) when the config leaves them at 0.
+DEFAULT_BLOCKS = (128, 64, 64, 64)
+
+
+def tile_multiple(interpret: bool) -> int:
+    """What a block must be a multiple of, unless it spans the whole row (Triton's minimum
+    matrix-product tile, in interpret mode too so that tests see the hardware rule)."""
+    del interpret
+    return 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,13 +47,18 @@ class GpuConfig:
     """Static kernel parameters (hashable: a nondiff argument of the custom VJP)."""
 
     scale: float
-    block_q: int = 128
-    block_kv: int = 64
-    block_q_bwd: int = 64
-    block_kv_bwd: int = 64
+    block_q: int = DEFAULT_BLOCKS[0]
+    block_kv: int = DEFAULT_BLOCKS[1]
+    block_q_bwd: int = DEFAULT_BLOCKS[2]
+    block_kv_bwd: int = DEFAULT_BLOCKS[3]
     num_warps: int | None = None
     num_stages: int = 2
     interpret: bool = False
+
+
+def _resolve(cfg: GpuConfig, field: str, length: int) -> int:
+    return common.resolve_block(NAME, field, getattr(cfg, field), length,
+                                tile_multiple(cfg.interpret))
 
 
 def _compiler_params(cfg: GpuConfig, block_a: int, block_b: int, head_dim: int):
@@ -108,8 +122,8 @@ def _forward(cfg: GpuConfig, q, k, v, q_meta: TokenMeta, kv_meta: TokenMeta,
     b, lq, h, d = q.shape
     lk, hkv = k.shape[1], k.shape[2]
     group = h // hkv
-    bq = common.resolve_block(NAME, "block_q", cfg.block_q, lq, 16)
-    bk = common.resolve_block(NAME, "block_kv", cfg.block_kv, lk, 16)
+    bq = _resolve(cfg, "block_q", lq)
+    bk = _resolve(cfg, "block_kv", lk)
     nq = lq // bq
     sched = block_sparsity.schedule(block_sparsity.classify(q_meta, kv_meta, bq, bk))
     qm, km = common.encode_queries(q_meta), common.encode_keys(kv_meta)
@@ -216,8 +230,8 @@ def _backward(cfg: GpuConfig, q, k, v, q_meta, kv_meta, out, lse, d_out):
     b, lq, h, d = q.shape
     lk, hkv = k.shape[1], k.shape[2]
     group = h // hkv
-    bq = common.resolve_block(NAME, "block_q_bwd", cfg.block_q_bwd, lq, 16)
-    bk = common.resolve_block(NAME, "block_kv_bwd", cfg.block_kv_bwd, lk, 16)
+    bq = _resolve(cfg, "block_q_bwd", lq)
+    bk = _resolve(cfg, "block_kv_bwd", lk)
     cls = block_sparsity.classify(q_meta, kv_meta, bq, bk)
     sched, sched_t = block_sparsity.schedule(cls), block_sparsity.transposed_schedule(cls)
     qm, km = common.encode_queries(q_meta), common.encode_keys(kv_meta)
@@ -279,8 +293,9 @@ _flash = common.with_flash_vjp(_forward, _backward)
 
 
 def attention(q, k, v, q_meta: TokenMeta, kv_meta: TokenMeta, *, scale: float,
-              block_q: int = 128, block_kv: int = 64, block_q_bwd: int = 64,
-              block_kv_bwd: int = 64, interpret: bool = False,
+              block_q: int = DEFAULT_BLOCKS[0], block_kv: int = DEFAULT_BLOCKS[1],
+              block_q_bwd: int = DEFAULT_BLOCKS[2], block_kv_bwd: int = DEFAULT_BLOCKS[3],
+              interpret: bool = False,
               num_warps: int | None = None, num_stages: int = 2) -> jax.Array:
     """Packed flash attention on GPU (see module docstring).
 

@@ -14,7 +14,7 @@ dk/dv kernel whose grid walks, per kv-block, the transposed schedule for every q
 the kv head's group (the accumulator stays in VMEM, no cross-step revisits).
 
 Shapes: q [B, Lq, H, D], k/v [B, Lk, Hkv, D]; Lq, Lk multiples of the blocks; on hardware the
-blocks are multiples of 128 and D one of 64, 128, 256 (interpret mode accepts smaller blocks).
+blocks are multiples of 128 and D one of `HEAD_DIMS` (interpret mode accepts blocks of 8).
 """
 
 from __future__ import annotations
@@ -36,6 +36,13 @@ from unijax.kernels import block_sparsity
 HEAD_DIMS = (32, 64, 128, 256)
 NAME = "pallas_tpu"
 LANES = 128
+# (block_q, block_kv, block_q_bwd, block_kv_bwd) when the config leaves them at 0.
+DEFAULT_BLOCKS = (512, 512, 256, 256)
+
+
+def tile_multiple(interpret: bool) -> int:
+    """What a block must be a multiple of, unless it spans the whole row."""
+    return 8 if interpret else LANES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,10 +50,10 @@ class TpuConfig:
     """Static kernel parameters (hashable: a nondiff argument of the custom VJP)."""
 
     scale: float
-    block_q: int = 512
-    block_kv: int = 512
-    block_q_bwd: int = 256
-    block_kv_bwd: int = 256
+    block_q: int = DEFAULT_BLOCKS[0]
+    block_kv: int = DEFAULT_BLOCKS[1]
+    block_q_bwd: int = DEFAULT_BLOCKS[2]
+    block_kv_bwd: int = DEFAULT_BLOCKS[3]
     interpret: bool = False
 
 
@@ -58,7 +65,7 @@ def _lanes(x, n):
 
 
 def _resolve(cfg: TpuConfig, field: str, block: int, length: int) -> int:
-    return common.resolve_block(NAME, field, block, length, 8 if cfg.interpret else LANES)
+    return common.resolve_block(NAME, field, block, length, tile_multiple(cfg.interpret))
 
 
 def _params(semantics):
@@ -347,8 +354,9 @@ def _head_major(x):
 
 
 def attention(q, k, v, q_meta: TokenMeta, kv_meta: TokenMeta, *, scale: float,
-              block_q: int = 512, block_kv: int = 512, block_q_bwd: int = 256,
-              block_kv_bwd: int = 256, interpret: bool = False) -> jax.Array:
+              block_q: int = DEFAULT_BLOCKS[0], block_kv: int = DEFAULT_BLOCKS[1],
+              block_q_bwd: int = DEFAULT_BLOCKS[2], block_kv_bwd: int = DEFAULT_BLOCKS[3],
+              interpret: bool = False) -> jax.Array:
     """Packed flash attention on TPU (see module docstring).
 
     Args:

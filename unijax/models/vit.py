@@ -26,7 +26,7 @@ import ml_collections
 from flax import nnx
 
 from unijax.batch import TokenMeta
-from unijax.kernels.attention import attention, resolve_auto
+from unijax.kernels.attention import attention, kernel_head_dim, resolve_auto
 from unijax.models.layers import Dense, attention_shard, sharded_param
 
 
@@ -102,14 +102,6 @@ class VitAttention(nnx.Module):
                         chunk_size=self.chunk_size, interpret=self.interpret,
                         shard=attention_shard(impl, x.shape[0], q.shape[2], "vit_heads"))
         return self.out_proj(out[..., :head_dim])
-
-
-def kernel_head_dim(impl: str, head_dim: int) -> int:
-    """The head dim the attention backend runs: the Pallas flash kernels take powers of two
-    >= 64 (TPU: 64, 128, 256), so others are zero-padded up; xla and cudnn take any."""
-    if impl in ("xla", "cudnn") or (head_dim >= 64 and head_dim & (head_dim - 1) == 0):
-        return head_dim
-    return max(64, 1 << (head_dim - 1).bit_length())
 
 
 class VitLayer(nnx.Module):
