@@ -37,7 +37,7 @@ import numpy as np
 
 from unijax.batch import TokenMeta
 from unijax.kernels import attention as attention_lib
-from unijax.kernels import block_sparsity
+from unijax.kernels import block_sparsity, pallas_gpu, pallas_tpu
 from unijax.kernels import mask as mask_lib
 
 COLUMNS = ("device", "date", "L", "B,H,Hkv,D", "mask", "backend", "fwd ms", "fwd+bwd ms",
@@ -286,8 +286,6 @@ def correctness(args, platform: str, emit) -> None:
 
 def sweep(args, emit) -> None:
     """Times pallas_gpu tile / launch settings on 8k causal and packed rows (GPU tuning)."""
-    from unijax.kernels import pallas_gpu
-
     b, length, h, hkv, d = args.batch, 8192, args.heads, args.kv_heads, args.head_dim
     keys = jax.random.split(jax.random.key(7), 4)
     q = jax.random.normal(keys[0], (b, length, h, d), jnp.bfloat16)
@@ -360,6 +358,8 @@ def main(argv=None) -> None:
     emit("|" + "---|" * len(COLUMNS))
     b, h, hkv, d = args.batch, args.heads, args.kv_heads, args.head_dim
     rng = np.random.default_rng(0)
+    # Tile classes are reported for the platform's Pallas backend (GPU tiles on CPU).
+    default_blocks = (pallas_tpu if platform == "tpu" else pallas_gpu).DEFAULT_BLOCKS
     for length in (int(x) for x in args.lengths.split(",")):
         keys = jax.random.split(jax.random.key(length), 4)
         q = jax.random.normal(keys[0], (b, length, h, d), jnp.bfloat16)
@@ -370,8 +370,8 @@ def main(argv=None) -> None:
             meta = META_BUILDERS[mask_name](rng, b, length)
             pairs = visible_pairs(meta)
             fwd_flops = 4.0 * d * h * pairs
-            bq = args.block_q or (128 if platform == "gpu" else 512)
-            bk = args.block_kv or (64 if platform == "gpu" else 512)
+            bq = args.block_q or default_blocks[0]
+            bk = args.block_kv or default_blocks[1]
             skipped = float(block_sparsity.skipped_fraction(
                 block_sparsity.classify(jax.tree.map(jnp.asarray, meta),
                                         jax.tree.map(jnp.asarray, meta), bq, bk)))
