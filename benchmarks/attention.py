@@ -2,6 +2,7 @@ r"""Packed-sequence attention: time of forward and forward+backward per backend 
 
   PYTHONPATH=. python benchmarks/attention.py                      # all lengths, all backends
   PYTHONPATH=. python benchmarks/attention.py --lengths=16384 --check
+  PYTHONPATH=. python benchmarks/attention.py --tiles --batch=4   # tile classes only, any device
 
 Rows are BAGEL-like packed batches (expert-major: text + ViT tokens and image markers in the
 first half of the row, VAE latents in the second; several documents per row: text-to-image,
@@ -314,6 +315,31 @@ def sweep(args, emit) -> None:
                      f"{type(e).__name__}: {str(e)[:200]}")
 
 
+def tile_table(args, emit) -> None:
+    """Tile classes of each layout under each backend's default tiles (computed, not timed):
+    the share of tiles a Pallas kernel visits bounds its work relative to dense attention."""
+    tiles = {"GPU fwd": pallas_gpu.DEFAULT_BLOCKS[:2], "GPU bwd": pallas_gpu.DEFAULT_BLOCKS[2:],
+             "TPU fwd": pallas_tpu.DEFAULT_BLOCKS[:2], "TPU bwd": pallas_tpu.DEFAULT_BLOCKS[2:]}
+    columns = ["L", "rows", "mask", "visible pairs"] + [
+        f"{name} {bq}x{bk}: visited (partial)" for name, (bq, bk) in tiles.items()]
+    emit("| " + " | ".join(columns) + " |")
+    emit("|" + "---|" * len(columns))
+    rng = np.random.default_rng(0)
+    for length in (int(x) for x in args.lengths.split(",")):
+        for mask_name in args.masks.split(","):
+            meta = META_BUILDERS[mask_name](rng, args.batch, length)
+            density = visible_pairs(meta) / (args.batch * length * length)
+            jmeta = jax.tree.map(jnp.asarray, meta)
+            cells = []
+            for bq, bk in tiles.values():
+                cls = np.asarray(block_sparsity.classify(jmeta, jmeta, bq, bk))
+                visited = np.mean(cls != block_sparsity.EMPTY)
+                partial = np.mean(cls == block_sparsity.PARTIAL)
+                cells.append(f"{visited:.1%} ({partial:.1%})")
+            emit("| " + " | ".join([str(length), str(args.batch), mask_name,
+                                    f"{density:.1%}", *cells]) + " |")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--lengths", default="4096,8192,16384,32768")
@@ -327,6 +353,8 @@ def main(argv=None) -> None:
         parser.add_argument(f"--{name}", type=int, default=0)
     parser.add_argument("--check", action="store_true", help="compare with xla first")
     parser.add_argument("--sweep", action="store_true", help="time pallas_gpu settings first")
+    parser.add_argument("--tiles", action="store_true",
+                        help="only the tile classes of each layout (no timing; any device)")
     parser.add_argument("--budget_s", type=float, default=500.0,
                         help="stop measuring after this many seconds (rows so far are kept)")
     parser.add_argument("--out", default="benchmarks/RESULTS.md")
@@ -347,6 +375,11 @@ def main(argv=None) -> None:
         with open(args.out, "a") as f:
             f.write(line + "\n")
 
+    if args.tiles:
+        emit(f"\n### attention tile classes (computed on {device}, not timed; {today}; "
+             f"`{command}`)\n")
+        tile_table(args, emit)
+        return
     emit(f"\n### attention ({device}, {today}, jax {jax.__version__})\n")
     if args.check:
         correctness(args, platform, emit)

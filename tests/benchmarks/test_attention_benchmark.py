@@ -72,3 +72,20 @@ def test_tiny_run_writes_rows(tmp_path):
 def test_rejects_unknown_mask():
     with pytest.raises(SystemExit):
         bench.main(["--masks=causal,diagonal", "--out=/dev/null"])
+
+
+def test_tile_table(tmp_path):
+    out = tmp_path / "tiles.md"
+    bench.main(["--tiles", "--lengths=2048", "--batch=2", f"--out={out}"])
+    rows = {cells[2]: cells for cells in (
+        [c.strip() for c in line.strip("|").split("|")]
+        for line in out.read_text().splitlines() if line.startswith("| 2048"))}
+    assert set(rows) == {"packed", "causal", "documents"}
+    percent = lambda cell: float(cell.split("%")[0])
+    for cells in rows.values():
+        visible = percent(cells[3])
+        for cell in cells[4:]:  # a kernel visits at least the tiles holding visible pairs
+            assert visible <= percent(cell) <= 100
+    # 2048 tokens, 128 x 64 tiles: q-block i visits kv-blocks 0..2i+1, 272 of 16 x 32 tiles.
+    assert percent(rows["causal"][4]) == pytest.approx(100 * 272 / 512, abs=0.05)
+    assert percent(rows["packed"][4]) < percent(rows["causal"][4])
