@@ -190,8 +190,8 @@ def with_backward(fn):
 def backends_for(meta: TokenMeta, mask_name: str, platform: str, args) -> dict:
     """name -> attention fn(q, k, v) for one metadata batch."""
     jmeta = jax.tree.map(jnp.asarray, meta)
-    blocks = {name: getattr(args, name) for name in ("block_q", "block_kv", "block_q_bwd",
-                                                     "block_kv_bwd") if getattr(args, name)}
+    blocks = {name: getattr(args, name) for name in attention_lib.BLOCK_NAMES
+              if getattr(args, name)}
     ours = lambda impl: (lambda q, k, v: attention_lib.attention(q, k, v, jmeta, impl=impl,
                                                                  **blocks))
     out = {}
@@ -349,7 +349,7 @@ def main(argv=None) -> None:
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--kv_heads", type=int, default=2)
     parser.add_argument("--head_dim", type=int, default=128)
-    for name in ("block_q", "block_kv", "block_q_bwd", "block_kv_bwd"):
+    for name in attention_lib.BLOCK_NAMES:
         parser.add_argument(f"--{name}", type=int, default=0)
     parser.add_argument("--check", action="store_true", help="compare with xla first")
     parser.add_argument("--sweep", action="store_true", help="time pallas_gpu settings first")

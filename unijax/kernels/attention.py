@@ -37,6 +37,10 @@ from unijax.batch import TokenMeta
 from unijax.kernels import _flash_common as common
 from unijax.kernels import mask as mask_lib
 
+# The Pallas tile arguments (forward, then backward), as `attention` and `config.attention`
+# name them.
+BLOCK_NAMES = ("block_q", "block_kv", "block_q_bwd", "block_kv_bwd")
+
 
 def attention(
     q: jax.Array,
@@ -89,9 +93,8 @@ def attention(
     scale = d**-0.5 if scale is None else float(scale)
     if impl == "xla":
         return _xla(q, k, v, q_meta, kv_meta, scale=scale, chunk_size=chunk_size)
-    blocks = {name: value for name, value in (("block_q", block_q), ("block_kv", block_kv),
-                                              ("block_q_bwd", block_q_bwd),
-                                              ("block_kv_bwd", block_kv_bwd)) if value}
+    blocks = {name: value for name, value in zip(
+        BLOCK_NAMES, (block_q, block_kv, block_q_bwd, block_kv_bwd)) if value}
     fn = functools.partial(_BACKENDS[impl], scale=scale, interpret=interpret, **blocks)
     if shard is not None:
         fn = _shard_mapped(fn, shard, mesh, k.shape[2])
@@ -105,10 +108,8 @@ def resolve_auto(platform: str | None = None) -> str:
             "rocm": "pallas_gpu"}.get(platform, "xla")
 
 
-BLOCK_NAMES = ("block_q", "block_kv", "block_q_bwd", "block_kv_bwd")
-
-
 def _pallas_module(impl: str):
+    """The kernel module of a Pallas backend (imported on first use)."""
     if impl == "pallas_tpu":
         from unijax.kernels import pallas_tpu as module
     else:
@@ -301,17 +302,10 @@ def _cudnn(q, k, v, q_meta, kv_meta, *, scale, interpret=False, **_):
     return jnp.where(sees_any, out, 0).astype(q.dtype)
 
 
-def _pallas_tpu(q, k, v, q_meta, kv_meta, **kwargs):
-    from unijax.kernels import pallas_tpu
-
-    return pallas_tpu.attention(q, k, v, q_meta, kv_meta, **kwargs)
+def _pallas(impl: str, q, k, v, q_meta, kv_meta, **kwargs):
+    return _pallas_module(impl).attention(q, k, v, q_meta, kv_meta, **kwargs)
 
 
-def _pallas_gpu(q, k, v, q_meta, kv_meta, **kwargs):
-    from unijax.kernels import pallas_gpu
-
-    return pallas_gpu.attention(q, k, v, q_meta, kv_meta, **kwargs)
-
-
-_BACKENDS: dict[str, Callable] = {"xla": _xla, "pallas_tpu": _pallas_tpu,
-                                  "pallas_gpu": _pallas_gpu, "cudnn": _cudnn}
+_BACKENDS: dict[str, Callable] = {"xla": _xla, "cudnn": _cudnn,
+                                  "pallas_tpu": functools.partial(_pallas, "pallas_tpu"),
+                                  "pallas_gpu": functools.partial(_pallas, "pallas_gpu")}

@@ -61,6 +61,13 @@ def _resolve(cfg: GpuConfig, field: str, length: int) -> int:
                                 tile_multiple(cfg.interpret))
 
 
+def _walk(step, n_part: jax.Array, n_vis: jax.Array, carry):
+    """Folds step(t, carry, masked=...) over a schedule row: its partial tiles [0, n_part)
+    with the mask, then its full tiles [n_part, n_vis) without."""
+    carry = lax.fori_loop(0, n_part, functools.partial(step, masked=True), carry)
+    return lax.fori_loop(n_part, n_vis, functools.partial(step, masked=False), carry)
+
+
 def _compiler_params(cfg: GpuConfig, block_a: int, block_b: int, head_dim: int):
     if cfg.interpret:
         return None
@@ -104,9 +111,7 @@ def _fwd_kernel(index_ref, npart_ref, nvis_ref, qm_ref, km_ref, q_ref, k_ref, v_
     n_part, n_vis = npart_ref[b, i], nvis_ref[b, i]
     carry = (jnp.zeros((bq, q.shape[1]), jnp.float32), jnp.full((bq,), -jnp.inf, jnp.float32),
              jnp.zeros((bq,), jnp.float32), jnp.int32(0))
-    carry = lax.fori_loop(0, n_part, functools.partial(step, masked=True), carry)
-    acc, m, l, visits = lax.fori_loop(n_part, n_vis, functools.partial(step, masked=False),
-                                      carry)
+    acc, m, l, visits = _walk(step, n_part, n_vis, carry)
     seen = l > 0.0
     l_safe = jnp.where(seen, l, 1.0)
     o_ref[...] = jnp.where(seen[:, None], acc / l_safe[:, None], 0.0).astype(o_ref.dtype)
@@ -114,6 +119,20 @@ def _fwd_kernel(index_ref, npart_ref, nvis_ref, qm_ref, km_ref, q_ref, k_ref, v_
     lse_ref[...] = jnp.where(seen, m + jnp.log2(l_safe), jnp.inf)
     if visits_ref:
         visits_ref[0][...] = jnp.full((1,), visits, jnp.int32)
+
+
+def _q_block_specs(bq: int, lk: int, d: int, group: int) -> list:
+    """Inputs of a program (q-block i, row r, query head hh) of the forward and dq kernels:
+    the schedule (index, num_partial, num_visible: whole arrays, read as scalars), the
+    q-block's and the row's encoded metadata, the q-block of q, and the row's K and V of the
+    head's kv head."""
+    whole = pl.no_block_spec
+    kv = pl.BlockSpec((None, lk, None, d), lambda i, r, hh: (r, 0, hh // group, 0))
+    return [whole, whole, whole,
+            pl.BlockSpec((None, 3, bq), lambda i, r, hh: (r, 0, i)),
+            pl.BlockSpec((None, 3, lk), lambda i, r, hh: (r, 0, 0)),
+            pl.BlockSpec((None, bq, None, d), lambda i, r, hh: (r, i, hh, 0)),
+            kv, kv]
 
 
 def _forward(cfg: GpuConfig, q, k, v, q_meta: TokenMeta, kv_meta: TokenMeta,
@@ -127,15 +146,7 @@ def _forward(cfg: GpuConfig, q, k, v, q_meta: TokenMeta, kv_meta: TokenMeta,
     nq = lq // bq
     sched = block_sparsity.schedule(block_sparsity.classify(q_meta, kv_meta, bq, bk))
     qm, km = common.encode_queries(q_meta), common.encode_keys(kv_meta)
-    whole = pl.no_block_spec  # the schedule: whole arrays, read as scalars
-    in_specs = [
-        whole, whole, whole,
-        pl.BlockSpec((None, 3, bq), lambda i, r, hh: (r, 0, i)),
-        pl.BlockSpec((None, 3, lk), lambda i, r, hh: (r, 0, 0)),
-        pl.BlockSpec((None, bq, None, d), lambda i, r, hh: (r, i, hh, 0)),
-        pl.BlockSpec((None, lk, None, d), lambda i, r, hh: (r, 0, hh // group, 0)),
-        pl.BlockSpec((None, lk, None, d), lambda i, r, hh: (r, 0, hh // group, 0)),
-    ]
+    in_specs = _q_block_specs(bq, lk, d, group)
     out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype),
                  jax.ShapeDtypeStruct((b, h, lq), jnp.float32)]
     out_specs = [pl.BlockSpec((None, bq, None, d), lambda i, r, hh: (r, i, hh, 0)),
@@ -183,9 +194,7 @@ def _dq_kernel(index_ref, npart_ref, nvis_ref, qm_ref, km_ref, q_ref, k_ref, v_r
         return dq + common.dot_f32(ds.astype(k.dtype), k, common.NN)
 
     n_part, n_vis = npart_ref[b, i], nvis_ref[b, i]
-    dq = jnp.zeros(q.shape, jnp.float32)
-    dq = lax.fori_loop(0, n_part, functools.partial(step, masked=True), dq)
-    dq = lax.fori_loop(n_part, n_vis, functools.partial(step, masked=False), dq)
+    dq = _walk(step, n_part, n_vis, jnp.zeros(q.shape, jnp.float32))
     dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
@@ -216,9 +225,7 @@ def _dkv_kernel(index_ref, npart_ref, nvis_ref, qm_ref, km_ref, q_ref, k_ref, v_
 
     def per_head(g, carry):
         head = hk * group + g
-        carry = lax.fori_loop(0, n_part, functools.partial(step, head=head, masked=True), carry)
-        return lax.fori_loop(n_part, n_vis, functools.partial(step, head=head, masked=False),
-                             carry)
+        return _walk(functools.partial(step, head=head), n_part, n_vis, carry)
 
     zeros = jnp.zeros(k.shape, jnp.float32)
     dk, dv = lax.fori_loop(0, group, per_head, (zeros, zeros))
@@ -243,15 +250,10 @@ def _backward(cfg: GpuConfig, q, k, v, q_meta, kv_meta, out, lse, d_out):
         functools.partial(_dq_kernel, scale=cfg.scale, block_kv=bk),
         grid=(lq // bq, b, h),
         in_specs=[
-            whole, whole, whole,
-            pl.BlockSpec((None, 3, bq), lambda i, r, hh: (r, 0, i)),
-            pl.BlockSpec((None, 3, lk), lambda i, r, hh: (r, 0, 0)),
-            pl.BlockSpec((None, bq, None, d), lambda i, r, hh: (r, i, hh, 0)),
-            pl.BlockSpec((None, lk, None, d), lambda i, r, hh: (r, 0, hh // group, 0)),
-            pl.BlockSpec((None, lk, None, d), lambda i, r, hh: (r, 0, hh // group, 0)),
-            pl.BlockSpec((None, bq, None, d), lambda i, r, hh: (r, i, hh, 0)),
-            pl.BlockSpec((None, None, bq), lambda i, r, hh: (r, hh, i)),
-            pl.BlockSpec((None, None, bq), lambda i, r, hh: (r, hh, i)),
+            *_q_block_specs(bq, lk, d, group),
+            pl.BlockSpec((None, bq, None, d), lambda i, r, hh: (r, i, hh, 0)),  # d_out
+            pl.BlockSpec((None, None, bq), lambda i, r, hh: (r, hh, i)),  # lse
+            pl.BlockSpec((None, None, bq), lambda i, r, hh: (r, hh, i)),  # delta
         ],
         out_specs=pl.BlockSpec((None, bq, None, d), lambda i, r, hh: (r, i, hh, 0)),
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),

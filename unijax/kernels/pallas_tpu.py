@@ -68,6 +68,25 @@ def _resolve(cfg: TpuConfig, field: str, block: int, length: int) -> int:
     return common.resolve_block(NAME, field, block, length, tile_multiple(cfg.interpret))
 
 
+def _mask(s, qm_ref, km_ref, transposed: bool = False):
+    """Scores with the invisible (query, key) pairs at -inf: s is [bq, bk] (queries along
+    rows) or, transposed, [bk, bq]; qm_ref / km_ref hold the encoded metadata [3, block]."""
+    column = lambda ref: [jnp.expand_dims(ref[f], -1) for f in range(3)]
+    row = lambda ref: [ref[f:f + 1, :] for f in range(3)]
+    q_fields, k_fields = ((row(qm_ref), column(km_ref)) if transposed
+                          else (column(qm_ref), row(km_ref)))
+    return jnp.where(common.visible(*q_fields, *k_fields), s, -jnp.inf)
+
+
+def _visit(body, t, row, npart_ref, nvis_ref):
+    """Grid step t along schedule row `row`: body(True) on its partial tiles (mask evaluated),
+    body(False) on its full ones, nothing past the row's visible count."""
+    visited = t < nvis_ref[row]
+    masked = t < npart_ref[row]
+    pl.when(visited & masked)(lambda: body(True))
+    pl.when(visited & ~masked)(lambda: body(False))
+
+
 def _params(semantics):
     return pltpu.CompilerParams(dimension_semantics=semantics)
 
@@ -98,9 +117,7 @@ def _fwd_kernel(index_ref, npart_ref, nvis_ref, q_ref, k_ref, v_ref, qm_ref, km_
         s = common.dot_f32(q_ref[...], k_ref[...], common.NT) * scale
         bk = s.shape[1]
         if masked:
-            q_fields = [jnp.expand_dims(qm_ref[f], -1) for f in range(3)]
-            k_fields = [km_ref[f:f + 1, :] for f in range(3)]
-            s = jnp.where(common.visible(*q_fields, *k_fields), s, -jnp.inf)
+            s = _mask(s, qm_ref, km_ref)
         m_prev = m_ref[...]
         m_next = jnp.maximum(m_prev, s.max(axis=-1)[:, None])
         # A row that has seen nothing yet keeps m = -inf; exp(-inf - 0) = 0 keeps it empty.
@@ -115,10 +132,7 @@ def _fwd_kernel(index_ref, npart_ref, nvis_ref, q_ref, k_ref, v_ref, qm_ref, km_
         if count_visits:
             count_ref[0] += 1
 
-    visited = t < nvis_ref[row]
-    masked = t < npart_ref[row]
-    pl.when(visited & masked)(lambda: body(True))
-    pl.when(visited & ~masked)(lambda: body(False))
+    _visit(body, t, row, npart_ref, nvis_ref)
 
     @pl.when(t == nk - 1)
     def _finish():
@@ -217,17 +231,12 @@ def _dq_kernel(index_ref, npart_ref, nvis_ref, q_ref, k_ref, v_ref, do_ref, lse_
         k, v = k_ref[...], v_ref[...]
         s = common.dot_f32(q_ref[...], k, common.NT) * scale
         if masked:
-            q_fields = [jnp.expand_dims(qm_ref[f], -1) for f in range(3)]
-            k_fields = [km_ref[f:f + 1, :] for f in range(3)]
-            s = jnp.where(common.visible(*q_fields, *k_fields), s, -jnp.inf)
+            s = _mask(s, qm_ref, km_ref)
         p = jnp.exp(s - jnp.expand_dims(lse_ref[0], -1))
         ds = p * (common.dot_f32(do_ref[...], v, common.NT) - jnp.expand_dims(delta_ref[0], -1))
         acc_ref[...] += common.dot_f32(ds.astype(k.dtype), k, common.NN)
 
-    visited = t < nvis_ref[row]
-    masked = t < npart_ref[row]
-    pl.when(visited & masked)(lambda: body(True))
-    pl.when(visited & ~masked)(lambda: body(False))
+    _visit(body, t, row, npart_ref, nvis_ref)
 
     @pl.when(t == nk - 1)
     def _finish():
@@ -251,18 +260,13 @@ def _dkv_kernel(index_ref, npart_ref, nvis_ref, q_ref, k_ref, v_ref, do_ref, lse
         # Transposed tile [bk, bq]: keys along rows, so dk/dv accumulate without transposes.
         s_t = common.dot_f32(k, q, common.NT) * scale
         if masked:
-            q_fields = [qm_ref[f:f + 1, :] for f in range(3)]
-            k_fields = [jnp.expand_dims(km_ref[f], -1) for f in range(3)]
-            s_t = jnp.where(common.visible(*q_fields, *k_fields), s_t, -jnp.inf)
+            s_t = _mask(s_t, qm_ref, km_ref, transposed=True)
         p_t = jnp.exp(s_t - lse_ref[...])
         dv_acc[...] += common.dot_f32(p_t.astype(do.dtype), do, common.NN)
         ds_t = p_t * (common.dot_f32(v, do, common.NT) - delta_ref[...])
         dk_acc[...] += common.dot_f32(ds_t.astype(q.dtype), q, common.NN)
 
-    visited = t < nvis_ref[row]
-    masked = t < npart_ref[row]
-    pl.when(visited & masked)(lambda: body(True))
-    pl.when(visited & ~masked)(lambda: body(False))
+    _visit(body, t, row, npart_ref, nvis_ref)
 
     @pl.when(step == group * nq - 1)
     def _finish():

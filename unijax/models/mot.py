@@ -57,7 +57,7 @@ import ml_collections
 from flax import nnx
 
 from unijax.batch import TokenMeta
-from unijax.kernels.attention import attention, resolve_auto
+from unijax.kernels.attention import BLOCK_NAMES, attention, resolve_auto
 from unijax.models import layers
 from unijax.models.layers import Dense, Embedding, RMSNorm, SwiGLU, apply_rope, rope_cos_sin
 
@@ -120,8 +120,7 @@ class DecoderConfig:
         llm = config.model.llm
         names = [f.name for f in dataclasses.fields(cls)]
         values = {name: llm[name] for name in names if name in llm}
-        blocks = tuple(int(config.attention.get(name, 0)) for name in
-                       ("block_q", "block_kv", "block_q_bwd", "block_kv_bwd"))
+        blocks = tuple(int(config.attention.get(name, 0)) for name in BLOCK_NAMES)
         return cls(**values, dtype=config.model.dtype, param_dtype=config.model.param_dtype,
                    attention_impl=config.attention.impl,
                    attention_chunk_size=config.attention.chunk_size, attention_blocks=blocks,
