@@ -64,8 +64,9 @@ def _lanes(x, n):
     return x[:, :n]  # blocks below 128 lanes: interpret mode only
 
 
-def _resolve(cfg: TpuConfig, field: str, block: int, length: int) -> int:
-    return common.resolve_block(NAME, field, block, length, tile_multiple(cfg.interpret))
+def _resolve(cfg: TpuConfig, field: str, length: int) -> int:
+    return common.resolve_block(NAME, field, getattr(cfg, field), length,
+                                tile_multiple(cfg.interpret))
 
 
 def _mask(s, qm_ref, km_ref, transposed: bool = False):
@@ -170,8 +171,8 @@ def _forward(cfg: TpuConfig, q, k, v, q_meta: TokenMeta, kv_meta: TokenMeta,
     b, h, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
     group = h // hkv
-    bq = _resolve(cfg, "block_q", cfg.block_q, lq)
-    bk = _resolve(cfg, "block_kv", cfg.block_kv, lk)
+    bq = _resolve(cfg, "block_q", lq)
+    bk = _resolve(cfg, "block_kv", lk)
     nq, nk = lq // bq, lk // bk
     sched = block_sparsity.schedule(block_sparsity.classify(q_meta, kv_meta, bq, bk))
     qm, km = common.encode_queries(q_meta), common.encode_keys(kv_meta)
@@ -279,8 +280,8 @@ def _backward(cfg: TpuConfig, q, k, v, q_meta, kv_meta, out, lse, d_out):
     b, h, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
     group = h // hkv
-    bq = _resolve(cfg, "block_q_bwd", cfg.block_q_bwd, lq)
-    bk = _resolve(cfg, "block_kv_bwd", cfg.block_kv_bwd, lk)
+    bq = _resolve(cfg, "block_q_bwd", lq)
+    bk = _resolve(cfg, "block_kv_bwd", lk)
     nq, nk = lq // bq, lk // bk
     cls = block_sparsity.classify(q_meta, kv_meta, bq, bk)
     sched, sched_t = block_sparsity.schedule(cls), block_sparsity.transposed_schedule(cls)
