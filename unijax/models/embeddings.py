@@ -22,9 +22,9 @@ from flax import nnx
 from unijax.models.layers import Dense
 
 
-def _frequencies(num: int) -> jax.Array:
-    # float64 on the host, as the reference tables are built, then a float32 constant.
-    return jnp.asarray(1.0 / 10000 ** (np.arange(num, dtype=np.float64) / num), jnp.float32)
+def _omega(num: int) -> np.ndarray:
+    """The `num` angular frequencies of one axis, float64 (as the reference tables are built)."""
+    return 1.0 / 10000 ** (np.arange(num, dtype=np.float64) / num)
 
 
 def sincos_2d(pos_id: jax.Array, dim: int, side: int) -> jax.Array:
@@ -41,7 +41,7 @@ def sincos_2d(pos_id: jax.Array, dim: int, side: int) -> jax.Array:
     if dim % 4:
         raise ValueError(f"sincos_2d: dim must be a multiple of 4, got {dim}")
     row, col = jnp.divmod(pos_id.astype(jnp.int32), side)
-    omega = _frequencies(dim // 4)
+    omega = jnp.asarray(_omega(dim // 4), jnp.float32)
 
     def one_axis(p):
         angles = p.astype(jnp.float32)[..., None] * omega
@@ -53,7 +53,7 @@ def sincos_2d(pos_id: jax.Array, dim: int, side: int) -> jax.Array:
 def sincos_2d_table(dim: int, side: int) -> np.ndarray:
     """The whole [side * side, dim] table in float64 numpy (the reference layout, for tests
     and for comparing with checkpoints that store it)."""
-    omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim // 4))
+    omega = _omega(dim // 4)
     r, c = np.divmod(np.arange(side * side), side)
 
     def one_axis(p):
