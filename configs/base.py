@@ -96,27 +96,69 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.data.worker_buffer_size = 2  # packed batches buffered per worker
     # The mixture: name -> data_source(...) (see below); weights are relative sampling rates.
     c.data.datasets = ml_collections.ConfigDict()
+    # Held-out data for the periodic evaluation (same entries; read once, in order, without
+    # condition dropout). Empty: no held-out evaluation.
+    c.data.eval_datasets = ml_collections.ConfigDict()
+    # The embedded worlds: dataset paths may start with "{worlds}/" (e.g.
+    # "{worlds}/shapes/train-*.array_record"); the main job then writes the worlds once into
+    # `dir` (default WORKDIR/worlds) with these record counts, unless they are already there.
+    c.data.worlds = ml_collections.ConfigDict()
+    c.data.worlds.dir = ""
+    c.data.worlds.shapes_train = 2000
+    c.data.worlds.shapes_eval = 260
+    c.data.worlds.digits_train = 1000
+    c.data.worlds.digits_eval = 300
+    c.data.worlds.image_size = 32
+    c.data.worlds.seed = 0
 
     # --- training ----------------------------------------------------------------------------
+    # BAGEL's recipe (train/pretrain_unified_navit.py): AdamW (0.9, 0.95), eps 1e-15, no weight
+    # decay, clip 1.0, 2000 warmup steps then constant, EMA 0.9999, CE and MSE weights 1.
     c.train = ml_collections.ConfigDict()
     c.train.steps = 500_000
     c.train.lr = 1e-4
     c.train.warmup_steps = 2000
+    c.train.schedule = "constant"  # after warmup: constant | cosine | linear (to min_lr)
+    c.train.min_lr = 0.0
     c.train.b1 = 0.9
     c.train.b2 = 0.95
     c.train.eps = 1e-15
-    c.train.weight_decay = 0.0
-    c.train.grad_clip = 1.0
-    c.train.ema_decay = 0.9999
+    c.train.weight_decay = 0.0  # decoupled, on weight matrices only (training/optim.py)
+    c.train.grad_clip = 1.0  # global norm; 0 = off
+    c.train.ema_decay = 0.9999  # EMA of the trainable parameters; 0 = no EMA kept
+    # Micro-batches per step: the global batch is split k ways, gradients are summed over the
+    # same global normalisers, so the step equals the full-batch step.
+    c.train.grad_accum = 1
     c.train.ce_weight = 1.0
     c.train.mse_weight = 1.0
+    c.train.z_loss_weight = 0.0  # weight of logsumexp(logits)^2 (PaLM's z-loss)
+    c.train.ce_chunk_size = 2048  # und tokens per LM-head chunk (no [B, L, V] logits at once)
+    # Flow time shift s in t' = s t / (1 + (s - 1) t) applied to the data plan's t.
     c.train.timestep_shift = 1.0
+    # Which parameters train, by regexes over "/"-joined paths (training/optim.py): only those
+    # matching `trainable` (empty: all), never those matching `freeze`; lr_multipliers are
+    # (regex, factor) pairs, first match wins.
+    c.train.trainable = ()
+    c.train.freeze = ()
+    c.train.lr_multipliers = ()
+    # A step whose loss or gradients are not finite is skipped (state unchanged); this many in
+    # a row stop the run.
+    c.train.max_nonfinite_steps = 20
     c.train.log_every = 10
+    # Held-out evaluation on config.data.eval_datasets: CE and flow MSE at fixed times with
+    # fixed noise (comparable across steps and runs); 0 = only at the start and the end.
+    c.train.eval_every = 1000
+    c.train.eval_batches = 4
+    c.train.eval_timesteps = (0.25, 0.5, 0.75, 0.9)
+    c.train.eval_seed = 1234
 
     # --- checkpointing -----------------------------------------------------------------------
+    # Orbax: train state (sharded, each host writes its shards), data iterator, config JSON.
     c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.dir = ""  # default WORKDIR/checkpoints
     c.checkpoint.every_steps = 1000
     c.checkpoint.max_to_keep = 3
+    c.checkpoint.async_save = True
 
     # --- mesh --------------------------------------------------------------------------------
     # Axis sizes; -1 takes every device the other axes leave. Their product must equal the number

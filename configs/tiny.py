@@ -48,6 +48,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.vit_min_image_size = 16
     c.data.vae_min_image_size = 16
 
+    # The embedded worlds (written into WORKDIR/worlds on the first run).
+    c.data.datasets.shapes = base.data_source("{worlds}/shapes/train-*.array_record", weight=2.0)
+    c.data.datasets.digits = base.data_source("{worlds}/digits/train-*.array_record", weight=1.0)
+    c.data.eval_datasets.shapes = base.data_source("{worlds}/shapes/eval-*.array_record")
+    c.data.eval_datasets.digits = base.data_source("{worlds}/digits/eval-*.array_record")
+
     c.train.steps = 300
     c.train.lr = 1e-3
     c.train.warmup_steps = 20

@@ -209,8 +209,8 @@ def test_dataset_entry_errors_name_the_dataset(tiny_config, option, value, messa
 
 
 def test_dataset_entry_must_be_a_config_dict(tiny_config):
-    tiny_config.data.datasets.shapes = 3
-    with pytest.raises(config_lib.ConfigError, match="config.data.datasets.shapes must be a "
+    tiny_config.data.datasets.wrong = 3
+    with pytest.raises(config_lib.ConfigError, match="config.data.datasets.wrong must be a "
                                                      "ConfigDict"):
         config_lib.validate(tiny_config)
 

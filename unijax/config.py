@@ -122,10 +122,56 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     check(train.ce_weight >= 0 and train.mse_weight >= 0,
           f"config.train.ce_weight and mse_weight must be >= 0, got {train.ce_weight} and "
           f"{train.mse_weight}")
+    _validate_train(config, check)
 
     _validate_mesh(config, num_devices, check, errors)
     if errors:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))
+
+
+SCHEDULES = ("constant", "cosine", "linear")
+
+
+def _validate_train(config, check) -> None:
+    """The optimiser, loss, evaluation and checkpoint fields of the trainer."""
+    train, ckpt = config.train, config.get("checkpoint")
+    check(train.get("schedule", "constant") in SCHEDULES,
+          f"config.train.schedule must be one of {SCHEDULES}, got {train.get('schedule')!r}")
+    check(0 <= train.get("min_lr", 0.0) <= max(train.lr, 0.0),
+          f"config.train.min_lr must be in [0, config.train.lr={train.lr}], got "
+          f"{train.get('min_lr')}")
+    for name in ("b1", "b2"):
+        check(0 <= train[name] < 1, f"config.train.{name} must be in [0, 1), got {train[name]}")
+    check(train.eps > 0, f"config.train.eps must be positive, got {train.eps}")
+    for name in ("weight_decay", "grad_clip", "z_loss_weight", "max_nonfinite_steps",
+                 "eval_every"):
+        if name in train:
+            check(train[name] >= 0, f"config.train.{name} must be >= 0, got {train[name]}")
+    for name in ("grad_accum", "ce_chunk_size", "log_every", "eval_batches"):
+        if name in train:
+            check(isinstance(train[name], int) and train[name] >= 1,
+                  f"config.train.{name} must be an int >= 1, got {train[name]!r}")
+    accum = train.get("grad_accum", 1)
+    if isinstance(accum, int) and accum >= 1:
+        check(config.data.batch_size % accum == 0,
+              f"config.data.batch_size={config.data.batch_size} is not divisible by "
+              f"config.train.grad_accum={accum}")
+    times = tuple(train.get("eval_timesteps", ()))
+    check(len(times) > 0 and all(0 < t <= 1 for t in times),
+          f"config.train.eval_timesteps must be flow times in (0, 1], got {times}")
+    for name in ("trainable", "freeze"):
+        value = train.get(name, ())
+        check(isinstance(value, tuple | list) and all(isinstance(p, str) for p in value),
+              f"config.train.{name} must be a tuple of regex strings, got {value!r}")
+    pairs = train.get("lr_multipliers", ())
+    check(isinstance(pairs, tuple | list) and all(
+        isinstance(p, tuple | list) and len(p) == 2 and isinstance(p[0], str) and
+        isinstance(p[1], int | float) for p in pairs),
+        f"config.train.lr_multipliers must be (regex, factor) pairs, got {pairs!r}")
+    if ckpt is not None:
+        for name in ("every_steps", "max_to_keep"):
+            check(isinstance(ckpt[name], int) and ckpt[name] >= 1,
+                  f"config.checkpoint.{name} must be an int >= 1, got {ckpt[name]!r}")
 
 
 def _validate_kernel_layouts(config, check) -> None:
@@ -226,6 +272,8 @@ def _validate_data(config, check) -> None:
           f"config.data.gen_capacity must be >= 0, got {data.gen_capacity}")
     if "datasets" in data:
         _validate_datasets(data, check)
+    if data.get("eval_datasets"):
+        _validate_datasets(data, check, "eval_datasets")
 
 
 DATA_OVERLONG = ("truncate", "drop")
@@ -233,8 +281,8 @@ DATA_INTERLEAVED_IMAGES = ("generate", "understand")
 DATA_VIDEO_NOISE = ("shared", "independent")
 
 
-def _validate_datasets(data, check) -> None:
-    """The input pipeline's fields and every `config.data.datasets.<name>` entry."""
+def _validate_datasets(data, check, group: str = "datasets") -> None:
+    """The input pipeline's fields and every `config.data.<group>.<name>` entry."""
     check(data.get("overlong", "truncate") in DATA_OVERLONG,
           f"config.data.overlong must be one of {DATA_OVERLONG}, got {data.get('overlong')!r}")
     for name in ("num_workers", "num_epochs", "vit_min_image_size", "vae_min_image_size"):
@@ -247,8 +295,8 @@ def _validate_datasets(data, check) -> None:
     pack_buffer = data.get("pack_buffer", 0)
     check(isinstance(pack_buffer, int) and not isinstance(pack_buffer, bool) and pack_buffer >= 0,
           f"config.data.pack_buffer must be an int >= 0, got {pack_buffer!r}")
-    for ds_name, ds in data.datasets.items():
-        field = f"config.data.datasets.{ds_name}"
+    for ds_name, ds in data[group].items():
+        field = f"config.data.{group}.{ds_name}"
         if not hasattr(ds, "get"):
             check(False, f"{field} must be a ConfigDict (configs.base.data_source), got {ds!r}")
             continue
@@ -299,3 +347,9 @@ def _validate_mesh(config, num_devices, check, errors) -> None:
     check(config.data.batch_size % batch_shards == 0,
           f"config.data.batch_size={config.data.batch_size} is not divisible by the "
           f"{batch_shards} batch shards (config.mesh.data x config.mesh.fsdp)")
+    accum = config.train.get("grad_accum", 1)
+    if isinstance(accum, int) and accum > 1 and config.data.batch_size % batch_shards == 0:
+        check(config.data.batch_size % (accum * batch_shards) == 0,
+              f"config.data.batch_size={config.data.batch_size} does not split into "
+              f"config.train.grad_accum={accum} micro-batches of whole rows on each of the "
+              f"{batch_shards} batch shards (config.mesh.data x config.mesh.fsdp)")

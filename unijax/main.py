@@ -3,7 +3,10 @@ r"""The unijax main job.
   python -m unijax.main --config=configs/tiny.py --workdir=/tmp/tiny [--config.train.steps=5]
 
 Loads and validates the config (before anything compiles), logs to the console and to
-`WORKDIR/log.txt`, builds the device mesh and prints the resolved config.
+`WORKDIR/log.*`, builds the device mesh, prints the resolved config and trains
+(`unijax.training.train`): checkpoints in WORKDIR/checkpoints (a second run on the same workdir
+resumes), scalars in WORKDIR/metrics.jsonl and WORKDIR/tensorboard, and a closing report of the
+held-out losses before and after in WORKDIR/report.json. SIGTERM saves and exits 0.
 
 With `--config.dry_run=True` it builds the model from abstract shapes only (`nnx.eval_shape`,
 nothing is allocated), prints `parameters: N` with a per-module breakdown and exits.
@@ -21,6 +24,7 @@ from ml_collections import config_flags
 from unijax import config as config_lib
 from unijax.models import mot, param_count, unified
 from unijax.training import sharding
+from unijax.training import train as train_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to a config file under configs/ (`path.py:arg` passes arg).",
@@ -42,9 +46,8 @@ def run(config, workdir: str) -> int:
           "device(s)", flush=True)
     if config.dry_run:
         return dry_run(config)
-    print("training is not built yet: this job validates the config and builds the mesh.",
-          flush=True)
-    return 0
+    report = train_lib.train(config, workdir)
+    return 0 if report["status"] in ("done", "preempted") else 1
 
 
 def dry_run(config) -> int:
@@ -75,7 +78,7 @@ def main(argv) -> None:
         raise app.UsageError("--workdir is required")
     try:
         code = run(_CONFIG.value, _WORKDIR.value)
-    except config_lib.ConfigError as e:
+    except (config_lib.ConfigError, train_lib.TrainingError) as e:
         logging.error("%s", e)
         raise SystemExit(f"error: {e}") from None
     raise SystemExit(code)

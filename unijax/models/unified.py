@@ -134,7 +134,8 @@ class UnifiedModel(nnx.Module):
           batch: the PackedBatch (`vae_images` [B, N, H, W, 3], uint8 or float32 in [-1, 1];
             pixels outside each image's `vae_grid_hw` area are read as 0 in [-1, 1]).
           rng: samples the VAE posterior when given and `config.model.vae.sample_posterior`
-            (BAGEL's training); otherwise the posterior mean is used.
+            (BAGEL's training); otherwise the posterior mean is used. One key, or [B] keys:
+            row b's sample then depends on `rng[b]` alone (however the batch is split).
 
         Returns:
           [B, N * gh * gw, p*p*C] float32, gh = H / (downsample * p), gw likewise;
@@ -144,7 +145,16 @@ class UnifiedModel(nnx.Module):
         b, n = images.shape[:2]
         flat = rearrange(images, "b n h w c -> (b n) h w c")
         if self.vae is not None:
-            latents = self.vae.encode(flat, rng if self.sample_posterior else None)
+            rng = rng if self.sample_posterior else None
+            noise = None
+            if rng is not None and rng.shape == (b,) and jax.dtypes.issubdtype(
+                    rng.dtype, jax.dtypes.prng_key):
+                down = images.shape[2] // self.vae.downsample
+                shape = (n, down, images.shape[3] // self.vae.downsample, self.latent_channels)
+                noise = rearrange(jax.vmap(lambda k: jax.random.normal(k, shape))(rng),
+                                  "b n h w c -> (b n) h w c")
+                rng = None
+            latents = self.vae.encode(flat, rng, noise)
         else:
             latents = flat
         latents = jax.lax.stop_gradient(latents)

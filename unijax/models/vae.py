@@ -270,16 +270,20 @@ class AutoencoderKL(nnx.Module):
         mean, logvar = jnp.split(moments, 2, axis=-1)
         return mean, jnp.clip(logvar, -30.0, 20.0)
 
-    def encode(self, images: jax.Array, rng: jax.Array | None = None) -> jax.Array:
+    def encode(self, images: jax.Array, rng: jax.Array | None = None,
+               noise: jax.Array | None = None) -> jax.Array:
         """images [N, H, W, 3] in [-1, 1] -> scaled latents [N, H/8, W/8, C], float32.
 
-        With `rng` the posterior is sampled (BAGEL trains on samples), otherwise its mean is
-        used. Returns `scaling_factor * (latent - shift_factor)`.
+        With `rng` (or given standard normal `noise` [N, H/8, W/8, C]) the posterior is sampled
+        (BAGEL trains on samples), otherwise its mean is used. Returns
+        `scaling_factor * (latent - shift_factor)`.
         """
         mean, logvar = self.encode_moments(images)
         latent = mean
-        if rng is not None:
-            latent = mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape)
+        if noise is None and rng is not None:
+            noise = jax.random.normal(rng, mean.shape)
+        if noise is not None:
+            latent = mean + jnp.exp(0.5 * logvar) * noise.astype(jnp.float32)
         return self.scaling_factor * (latent - self.shift_factor)
 
     def decode(self, latents: jax.Array) -> jax.Array:

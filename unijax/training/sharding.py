@@ -91,3 +91,40 @@ def logical_to_mesh_spec(
 def named_sharding(mesh: Mesh, logical_axes: Sequence[str | None]) -> NamedSharding:
     """The NamedSharding of an array with these logical axes on `mesh`."""
     return NamedSharding(mesh, logical_to_mesh_spec(logical_axes))
+
+
+def fitted_spec(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
+    """`spec` without the mesh axes that do not divide their dimension of `shape` (such a
+    dimension is then replicated over them: e.g. 2 KV heads on a tensor axis of 4)."""
+    out = []
+    for i, entry in enumerate(tuple(spec) + (None,) * (len(shape) - len(spec))):
+        axes = (entry,) if isinstance(entry, str) else tuple(entry or ())
+        kept, size = [], 1
+        for axis in axes:
+            if shape[i] % (size * mesh.shape[axis]) == 0:
+                kept.append(axis)
+                size *= mesh.shape[axis]
+        out.append(kept[0] if len(kept) == 1 else (tuple(kept) or None))
+    return PartitionSpec(*out)
+
+
+def tree_shardings(mesh: Mesh, logical_specs, shapes):
+    """NamedShardings of a pytree of arrays from its logical specs (same structure; a leaf of
+    `logical_specs` is a PartitionSpec of logical names, or None for replicated)."""
+    def one(logical, shape):
+        if logical is None:
+            return NamedSharding(mesh, PartitionSpec())
+        spec = logical_to_mesh_spec(tuple(logical))
+        return NamedSharding(mesh, fitted_spec(spec, shape.shape, mesh))
+    return jax.tree.map(one, logical_specs, shapes,
+                        is_leaf=lambda x: x is None or isinstance(x, PartitionSpec))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """A sharding that keeps the whole array on every device of `mesh`."""
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Rows split over the `batch` rule's mesh axes (data x fsdp), everything else whole."""
+    return NamedSharding(mesh, logical_to_mesh_spec(("batch",)))

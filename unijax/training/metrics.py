@@ -1,0 +1,163 @@
+"""What a run tells its user: a progress bar, scalars on disk, the parameter overview, a report.
+
+  writer = MetricWriter(workdir, start_step)      # WORKDIR/metrics.jsonl + WORKDIR/tensorboard
+  writer.write(step, {"train/loss": 1.2, ...})
+  bar = Progress(total=steps, initial=start_step)  # step, loss, steps/s, ETA on the console
+  text = parameter_overview(params)               # clu's table of names, shapes, sizes
+
+Only process 0 writes files and draws the bar; every process may call these. On a restart from
+step K, `metrics.jsonl` keeps the lines up to K and TensorBoard purges later events, so a resumed
+run's curves have no doubled steps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import jax
+import numpy as np
+from absl import logging
+from clu import parameter_overview as clu_overview
+
+
+def _is_writer() -> bool:
+    return jax.process_index() == 0
+
+
+class MetricWriter:
+    """Scalars to `metrics.jsonl` (one JSON object per write: {"step": k, name: value, ...})
+    and to TensorBoard event files under `tensorboard/` (tensorboardX: no TensorFlow)."""
+
+    def __init__(self, workdir: str, start_step: int = 0, *, tensorboard: bool = True):
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self._tb = None
+        if not _is_writer():
+            return
+        _truncate_after(self.path, start_step)
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"),
+                                     purge_step=start_step + 1 if start_step else None)
+
+    def write(self, step: int, scalars: dict[str, float]) -> None:
+        if not _is_writer():
+            return
+        clean = {k: float(v) for k, v in scalars.items()}
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": int(step), **clean}) + "\n")
+        if self._tb is not None:
+            for name, value in clean.items():
+                self._tb.add_scalar(name, value, int(step))
+
+    def flush(self) -> None:
+        if self._tb is not None:
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+def _truncate_after(path: str, step: int) -> None:
+    """Drops the lines of a metrics file beyond `step` (a run that resumes from `step`)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError):
+            continue  # a line cut by a crash
+    with open(path, "w") as f:
+        f.writelines(kept)
+
+
+def read_metrics(workdir: str) -> list[dict]:
+    """The rows of `WORKDIR/metrics.jsonl`."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+class Progress:
+    """A tqdm bar on stderr: step / total, steps/s, ETA and the latest loss."""
+
+    def __init__(self, total: int, initial: int = 0):
+        self._bar = None
+        if _is_writer():
+            from tqdm import tqdm
+            self._bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
+                             file=sys.stderr, mininterval=1.0, smoothing=0.1)
+
+    def update(self, steps: int, **postfix) -> None:
+        if self._bar is not None:
+            if postfix:
+                self._bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()},
+                                      refresh=False)
+            self._bar.update(steps)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def parameter_overview(params: dict) -> str:
+    """clu's parameter table (names, shapes, dtypes, sizes) of a pure dict of (abstract)
+    arrays; statistics are not computed (that would gather every shard)."""
+    return clu_overview.get_parameter_overview(params, include_stats=False)
+
+
+class StepTimer:
+    """Steps and tokens per second since the first measured step (compilation excluded)."""
+
+    def __init__(self):
+        self._start = None
+        self._steps = 0
+        self._tokens = 0.0
+
+    def start(self) -> None:
+        self._start, self._steps, self._tokens = time.perf_counter(), 0, 0.0
+
+    def add(self, steps: int, tokens: float) -> None:
+        self._steps += steps
+        self._tokens += tokens
+
+    @property
+    def seconds(self) -> float:
+        return 0.0 if self._start is None else time.perf_counter() - self._start
+
+    def rates(self) -> dict[str, float]:
+        seconds = max(self.seconds, 1e-9)
+        return {"steps_per_s": self._steps / seconds, "tokens_per_s": self._tokens / seconds}
+
+
+def format_report(report: dict) -> str:
+    """The end-of-training report as a few console lines."""
+    lines = [f"report: {report['steps']} steps in {report['wall_time_s']:.0f} s "
+             f"({report['steps_per_s']:.2f} steps/s, {report['tokens_per_s']:.0f} tokens/s)"]
+    initial, final = report.get("initial"), report.get("final")
+    if initial and final:
+        lines.append(f"  {'held-out':<12}{'step 0':>10}{'final':>10}{'ratio':>8}"
+                     + (f"{'EMA':>10}" if report.get("final_ema") else ""))
+        for key in sorted(initial):
+            if key.endswith("_tokens"):
+                continue
+            a, b = initial[key], final[key]
+            row = f"  {key:<12}{a:>10.4f}{b:>10.4f}{b / a if a else np.nan:>8.3f}"
+            if report.get("final_ema"):
+                row += f"{report['final_ema'][key]:>10.4f}"
+            lines.append(row)
+    for key in ("nonfinite_steps", "skipped_records"):
+        if report.get(key):
+            lines.append(f"  {key}: {report[key]}")
+    logging.info("%s", "\n".join(lines))
+    return "\n".join(lines)

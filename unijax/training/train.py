@@ -1,0 +1,268 @@
+"""The unijax trainer, top to bottom: mesh, data, state, the update, checkpoints, evals, report.
+
+  report = train(config, workdir)      # what `python -m unijax.main` runs
+
+1. The embedded worlds are written once when the config's datasets name "{worlds}".
+2. Mesh ("data", "fsdp", "tensor") from `config.mesh`; logical axis rules from `sharding.py`.
+3. Data: this host's Grain iterator (`data.pipeline`), per-host rows assembled into global
+   arrays (`pipeline.global_batch`); held-out batches read once (`evaluate.py`).
+4. State: restored from the newest checkpoint in the workdir (any mesh), or created under
+   `jax.jit` with sharded outputs (`state.py`).
+5. The update (`make_train_step`): per-row keys, the loss over 1..k micro-batches against the
+   step's global normalisers (`losses.py`), AdamW (`optim.py`), EMA, and a guard that leaves
+   the state unchanged when the loss or the gradients are not finite. One `jax.jit` with
+   explicit in/out shardings and the state donated.
+6. Loop: log every `log_every` steps (console bar, metrics.jsonl, TensorBoard), evaluate every
+   `eval_every`, save every `checkpoint.every_steps` (async), and on SIGTERM save and stop.
+7. Report: held-out CE and flow MSE of the untrained model and of the final one (and its EMA),
+   steps, wall time, tokens/s; on the console and in WORKDIR/report.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from flax import nnx
+
+from unijax.batch import PackedBatch
+from unijax.data import pipeline
+from unijax.data.worlds import shards as worlds
+from unijax.training import checkpoint as checkpoint_lib
+from unijax.training import evaluate, losses, metrics, optim, sharding
+from unijax.training import state as state_lib
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (e.g. too many non-finite steps in a row); the message says why."""
+
+
+def make_train_step(config: ml_collections.ConfigDict, spec: state_lib.ModelSpec,
+                    tx: optax.GradientTransformation, shardings: state_lib.TrainState, mesh):
+    """jit(state, batch) -> (state, metrics): one optimizer step over a global PackedBatch."""
+    loss_cfg = losses.LossConfig.from_config(config)
+    accum = int(config.train.get("grad_accum", 1))
+    decay = float(config.train.ema_decay)
+    schedule = optim.learning_rate_schedule(config)
+
+    def loss_fn(params, frozen, batch, row_keys, totals):
+        model = spec.model(params, frozen)
+        return losses.train_loss(model, batch, row_keys, totals, loss_cfg)
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def micro_batches(tree):
+        # Micro-batch j holds rows j, j + k, j + 2k, ...: every device keeps its own rows.
+        return jax.tree.map(
+            lambda x: jnp.swapaxes(x.reshape(x.shape[0] // accum, accum, *x.shape[1:]), 0, 1),
+            tree)
+
+    def update(state: state_lib.TrainState, batch: PackedBatch):
+        step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        row_keys = jax.vmap(jax.random.fold_in, (None, 0))(
+            step_key, jnp.arange(batch.batch_size))
+        totals = losses.batch_totals(batch)  # the step's global normalisers
+        if accum == 1:
+            (loss, sums), grads = grad_fn(state.params, state.frozen, batch, row_keys, totals)
+        else:
+            def accumulate(carry, micro):
+                out = grad_fn(state.params, state.frozen, *micro, totals)
+                return jax.tree.map(jnp.add, carry, out), None
+
+            zero = jax.eval_shape(grad_fn, state.params, state.frozen,
+                                  *jax.tree.map(lambda x: x[0], micro_batches((batch, row_keys))),
+                                  totals)
+            zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero)
+            ((loss, sums), grads), _ = jax.lax.scan(accumulate, zero,
+                                                    micro_batches((batch, row_keys)))
+        grad_norm = optim.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        ema = None if state.ema is None else optim.ema_update(state.ema, params, decay)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        skipped = 1 - finite.astype(jnp.int32)
+        nonfinite = jnp.stack([state.nonfinite[0] + skipped,
+                               jnp.where(finite, 0, state.nonfinite[1] + 1)])
+        new_state = state.replace(
+            step=state.step + 1, params=keep(params, state.params),
+            opt_state=keep(opt_state, state.opt_state), ema=keep(ema, state.ema),
+            nonfinite=nonfinite)
+        text, flow_total = (jnp.maximum(totals[k], 1e-6) for k in ("text_weight", "flow_weight"))
+        step_metrics = {
+            "loss": loss, "ce": sums["ce_sum"] / text, "mse": sums["mse_sum"] / flow_total,
+            "z_loss": sums["z_sum"] / text, "accuracy": sums["correct_sum"] / text,
+            "grad_norm": grad_norm, "param_norm": optim.global_norm(new_state.params),
+            "learning_rate": schedule(state.step),
+            "tokens": jnp.sum((batch.doc_id > 0).astype(jnp.float32)),
+            "text_tokens": totals["text_tokens"], "flow_tokens": totals["flow_tokens"],
+            "nonfinite_steps": nonfinite[0].astype(jnp.float32),
+            "nonfinite_in_a_row": nonfinite[1].astype(jnp.float32)}
+        return new_state, step_metrics
+
+    return jax.jit(update, in_shardings=(shardings, sharding.batch_sharding(mesh)),
+                   out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,))
+
+
+def prepare_config(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
+    """The config with "{worlds}" resolved, writing the worlds first when they are absent
+    (process 0 writes; the others wait for it)."""
+    if not worlds.uses_worlds(config):
+        return config
+    directory = config.data.worlds.get("dir") or os.path.join(workdir, "worlds")
+    if jax.process_index() == 0:
+        manifest, wrote = worlds.ensure_worlds(directory,
+                                               worlds.WorldSettings.from_config(config.data.worlds))
+        if wrote:
+            logging.info("wrote the embedded worlds to %s in %.1f s", directory,
+                         manifest["seconds"])
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("unijax: worlds written")
+    return worlds.resolve_world_paths(config, directory)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Trains `config` in `workdir` (resuming from its newest checkpoint); returns the report.
+
+    Raises:
+      TrainingError: when `config.train.max_nonfinite_steps` steps in a row were not finite.
+    """
+    started = time.time()
+    train_cfg = config.train
+    config = prepare_config(config, workdir)
+    mesh = sharding.make_mesh(config.mesh)
+    spec = state_lib.ModelSpec.build(config)
+    tx = optim.make_optimizer(config, spec.abstract_params)
+
+    data_iter = pipeline.make_iterator(config)
+    eval_batches = evaluate.load_eval_batches(config, mesh)
+
+    ckpt = checkpoint_lib.Checkpointer(
+        config.checkpoint.get("dir") or os.path.join(workdir, "checkpoints"),
+        every_steps=int(config.checkpoint.every_steps),
+        max_to_keep=int(config.checkpoint.max_to_keep),
+        async_save=bool(config.checkpoint.get("async_save", True)))
+    target, shardings = state_lib.abstract_state(config, mesh, spec, tx)
+    restored_from = ckpt.latest_step()
+    if restored_from is not None:
+        state = ckpt.restore(restored_from, target, data_iter)
+        logging.info("restored from step %d (%s)", restored_from, ckpt.directory)
+        print(f"restored from step {restored_from}", flush=True)
+    else:
+        state, _ = state_lib.init_state(config, mesh, spec, tx)
+    start = int(jax.device_get(state.step))
+
+    overview = metrics.parameter_overview(spec.abstract_params)
+    logging.info("trainable parameters:\n%s", overview)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "parameters.txt"), "w") as f:
+            f.write(overview + "\n")
+    writer = metrics.MetricWriter(workdir, start)
+    train_step = make_train_step(config, spec, tx, shardings, mesh)
+    eval_step = evaluate.make_eval_step(config, spec)
+    rules = lambda: nnx.logical_axis_rules(sharding.LOGICAL_RULES)
+
+    def run_eval(step, params, name="eval"):
+        if not eval_batches:
+            return None
+        with jax.set_mesh(mesh), rules():
+            scores = evaluate.evaluate(eval_step, params, state.frozen, eval_batches)
+        writer.write(step, {f"{name}/{k}": v for k, v in scores.items()})
+        logging.info("%s at step %d: %s", name, step, scores)
+        return scores
+
+    initial_path = os.path.join(workdir, "eval_step0.json")
+    if start == 0:
+        initial = run_eval(0, state.params)
+        if jax.process_index() == 0 and initial is not None:
+            with open(initial_path, "w") as f:
+                json.dump(initial, f)
+    else:
+        initial = None
+        if os.path.exists(initial_path):
+            with open(initial_path) as f:
+                initial = json.load(f)
+
+    steps, log_every = int(train_cfg.steps), max(1, int(train_cfg.log_every))
+    eval_every = int(train_cfg.get("eval_every", 0))
+    max_nonfinite = int(train_cfg.get("max_nonfinite_steps", 0))
+    bar, timer = metrics.Progress(steps, start), metrics.StepTimer()
+    pending, preempted, saved, logged = [], False, restored_from, start
+    with checkpoint_lib.PreemptionGuard() as guard, jax.set_mesh(mesh), rules():
+        for step in range(start, steps):
+            batch = pipeline.global_batch(next(data_iter), mesh)
+            state, step_metrics = train_step(state, batch)
+            done = step + 1
+            if step == start:  # the first step compiles: the rates count the others
+                jax.block_until_ready(step_metrics)
+                timer.start()
+            else:
+                pending.append(step_metrics)
+            if done % log_every == 0 or done == steps:
+                fetched = jax.device_get(pending)
+                timer.add(len(fetched), sum(float(r["tokens"]) for r in fetched))
+                rows = fetched or [jax.device_get(step_metrics)]
+                _log(writer, done, rows, data_iter, timer)
+                bar.update(done - logged, loss=float(rows[-1]["loss"]))
+                pending, logged = [], done
+                if max_nonfinite and rows[-1]["nonfinite_in_a_row"] >= max_nonfinite:
+                    ckpt.close()
+                    raise TrainingError(
+                        f"{int(rows[-1]['nonfinite_in_a_row'])} steps in a row had a non-finite "
+                        f"loss or gradient (config.train.max_nonfinite_steps={max_nonfinite}); "
+                        f"stopped at step {done}, the state is that of the last finite step")
+            if eval_every and done % eval_every == 0 and done != steps:
+                run_eval(done, state.params)
+            if ckpt.save(done, state, data_iter, config):
+                saved = done
+            if guard.reached():
+                preempted = True
+                break
+        bar.close()
+        last_step = int(jax.device_get(state.step))
+        if saved != last_step:
+            ckpt.save(last_step, state, data_iter, config, force=True)
+        ckpt.wait()
+    if preempted:
+        print(f"preempted: saved step {last_step} in {ckpt.directory}; run again to resume",
+              flush=True)
+        ckpt.close()
+        writer.close()
+        return {"status": "preempted", "step": last_step}
+
+    final = run_eval(last_step, state.params)
+    final_ema = run_eval(last_step, state.ema, "eval_ema") if state.ema is not None else None
+    ckpt.close()
+    writer.close()
+    report = {"status": "done", "steps": last_step, "restored_from": restored_from,
+              "wall_time_s": time.time() - started, **timer.rates(),
+              "train_time_s": timer.seconds, "initial": initial, "final": final,
+              "final_ema": final_ema,
+              "nonfinite_steps": int(jax.device_get(state.nonfinite[0])),
+              "skipped_records": dict(data_iter.skipped)}
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "report.json"), "w") as f:
+            json.dump(report, f, indent=2)
+    print(metrics.format_report(report), flush=True)
+    return report
+
+
+def _log(writer, step, rows, data_iter, timer) -> None:
+    """Writes the mean of each step metric since the last log, the data counters and rates."""
+    scalars = {f"train/{k}": float(np.mean([r[k] for r in rows])) for k in rows[-1]}
+    for k in ("nonfinite_steps", "nonfinite_in_a_row", "learning_rate"):
+        scalars[f"train/{k}"] = float(rows[-1][k])
+    scalars["train/step_time_s"] = 1.0 / max(timer.rates()["steps_per_s"], 1e-9)
+    scalars["train/tokens_per_s"] = timer.rates()["tokens_per_s"]
+    for reason, count in data_iter.skipped.items():
+        scalars[f"data/skipped_{reason}"] = count
+    writer.write(step, scalars)
