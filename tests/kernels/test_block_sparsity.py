@@ -1,14 +1,23 @@
-"""Block classification and schedules: conservative, exact where it must be, jit-able."""
+"""Block classification and schedules: conservative, exact where it must be, jit-able.
+
+Tile by tile against the dense mask of `kernels/mask.py`: a tile may be EMPTY only if no pair
+is visible and FULL only if every pair is, on layouts built to reach every branch of
+`classify` (`tile_layouts.py`: one-document tiles, a noisy image and its clean copy in one
+tile followed by text, documents and images across tile edges, video frame groups, padding)
+at tile sizes 1x1 to 64x64, and on random layouts from a strategy whose reach is asserted.
+"""
+
+import collections
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from einops import rearrange
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
-from tests.kernels import layouts
+from tests.kernels import layouts, tile_layouts
 from unijax.batch import TokenMeta
 from unijax.kernels import block_sparsity as bs
 from unijax.kernels import mask as mask_lib
@@ -25,16 +34,125 @@ def _tiles(meta: TokenMeta, bq: int, bk: int) -> np.ndarray:
 _classify = jax.jit(bs.classify, static_argnums=(2, 3))
 
 
-@settings(max_examples=25, deadline=None)
-@given(meta=layouts.packed_meta(2, NUM_UND, NUM_GEN),
-       blocks=st.sampled_from([(8, 8), (16, 16), (16, 32), (32, 16), (64, 64)]))
-def test_classification_is_conservative(meta, blocks):
-    bq, bk = blocks
+def _check_conservative(meta: TokenMeta, bq: int, bk: int, where: str = "") -> np.ndarray:
+    """Asserts, tile by tile, that EMPTY tiles hold no visible pair and FULL tiles no hidden
+    one (the dense mask decides); returns the classes [B, nq, nk]."""
     cls = np.asarray(_classify(meta, meta, bq, bk))
     tiles = _tiles(meta, bq, bk)
-    empty, full = cls == bs.EMPTY, cls == bs.FULL
-    assert not tiles[empty].any(), "a tile called EMPTY has a visible pair"
-    assert tiles[full].all(), "a tile called FULL has a hidden pair"
+    for name, wrong in (("EMPTY but has a visible pair", (cls == bs.EMPTY) & tiles.any((-1, -2))),
+                        ("FULL but has a hidden pair", (cls == bs.FULL) & ~tiles.all((-1, -2)))):
+        if wrong.any():
+            b, i, j = (int(x[0]) for x in np.nonzero(wrong))
+            raise AssertionError(f"{where} {bq}x{bk} tiles: {int(wrong.sum())} tiles are "
+                                 f"{name}, the first (row {b}, q-block {i}, kv-block {j})")
+    return cls
+
+
+_FIXED = {**tile_layouts.fixed_layouts(), "batch_builder": tile_layouts.builder_layout()}
+
+
+@pytest.mark.parametrize("name", sorted(_FIXED))
+def test_fixed_layouts_are_classified_conservatively(name):
+    """On every layout built for one branch of `classify`, at tile sizes from 1x1 to 64x64
+    (square and not), no EMPTY tile has a visible pair and no FULL tile a hidden one."""
+    meta = _FIXED[name]
+    for bq, bk in tile_layouts.TILE_SIZES:
+        _check_conservative(meta, bq, bk, name)
+
+
+@pytest.mark.parametrize("name", sorted(_FIXED))
+def test_one_token_tiles_are_classified_exactly(name):
+    """A 1x1 tile is one (query, key) pair, so its summaries are the pair itself: FULL exactly
+    where the pair is visible, EMPTY exactly where it is not (catches a rule that is too
+    strict, e.g. `order_max < order_min` for `<=`, which conservativeness cannot)."""
+    meta = _FIXED[name]
+    cls = np.asarray(_classify(meta, meta, 1, 1))
+    dense = np.asarray(mask_lib.dense_mask(meta))
+    np.testing.assert_array_equal(cls, np.where(dense, bs.FULL, bs.EMPTY))
+
+
+def _reach(meta: TokenMeta, sizes) -> collections.Counter:
+    counts = collections.Counter()
+    for bq, bk in sizes:
+        counts.update(tile_layouts.reach(meta, bq, bk, _tiles(meta, bq, bk)))
+    return counts
+
+
+# Every branch of `classify`, and every rule term whose loss (or an off-by-one) would give a
+# wrong class. `same_doc` (q.doc_min == k.doc_min) is left out because it never decides: when
+# each block lies in one document and the two differ, `docs_disjoint` makes the tile EMPTY.
+BRANCHES = ("empty_padding", "empty_documents", "empty_causal", "full_causal", "full_split",
+            "partial", *(f"full_without_{t}" for t in tile_layouts.FULL_TERMS if t != "same_doc"),
+            "full_off_by_one", *(f"empty_without_{t}" for t in tile_layouts.EMPTY_TERMS),
+            "empty_off_by_one")
+
+
+def test_fixed_layouts_reach_every_branch():
+    """The fixed layouts hold, for every term of the FULL and EMPTY rules, a tile where that
+    term alone keeps `classify` from a wrong class (so dropping the term, or moving its bound
+    by one, is caught above), at all tile sizes together and at the Pallas kernels' test tiles
+    alone (16 x 16 forward, 16 x 32 backward: `test_pallas_backends` runs these layouts)."""
+    for sizes in (tile_layouts.TILE_SIZES, [(16, 16), (16, 32)]):
+        counts = collections.Counter()
+        for meta in _FIXED.values():
+            counts += _reach(meta, sizes)
+        missing = [b for b in BRANCHES if counts[b] == 0]
+        assert not missing, f"at tile sizes {sizes} no fixed layout reaches {missing}"
+
+
+_SIZES = st.sampled_from(tile_layouts.TILE_SIZES[:-1])
+
+
+@settings(max_examples=100, deadline=None, derandomize=True)
+@given(meta=layouts.packed_meta(2, NUM_UND, NUM_GEN), blocks=_SIZES)
+def test_token_permuted_layouts_are_classified_conservatively(meta, blocks):
+    """Rows whose tokens may be permuted one by one (mixed summaries in every tile)."""
+    _check_conservative(meta, *blocks)
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(meta=tile_layouts.tiled_meta(), blocks=_SIZES)
+def test_random_layouts_are_classified_conservatively(meta, blocks):
+    """Random rows of interleaved documents, images with clean copies, frame groups and
+    padding, placed causally, expert-major or permuted: conservative at every tile size,
+    exact at 1x1."""
+    _check_conservative(meta, *blocks)
+    cls = np.asarray(_classify(meta, meta, 1, 1))
+    np.testing.assert_array_equal(
+        cls, np.where(np.asarray(mask_lib.dense_mask(meta)), bs.FULL, bs.EMPTY))
+
+
+def _strategy_reach(num_examples: int) -> tuple[collections.Counter, int]:
+    """(in how many drawn (layout, tile size) examples each branch occurs, examples drawn)."""
+    seen, drawn = collections.Counter(), []
+
+    @settings(max_examples=num_examples, deadline=None, derandomize=True, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(meta=tile_layouts.tiled_meta(), blocks=_SIZES)
+    def draw(meta, blocks):
+        drawn.append(1)
+        seen.update(k for k, v in _reach(meta, [blocks]).items() if v)
+
+    draw()
+    return seen, len(drawn)
+
+
+def test_random_layouts_reach_every_branch():
+    """The strategy of the test above hits every branch and every deciding term often enough
+    that a wrong term is caught: each in at least 3% of the draws (most in far more)."""
+    seen, n = _strategy_reach(300)
+    assert n >= 250
+    rare = {b: seen[b] for b in BRANCHES if seen[b] < 0.03 * n}
+    assert not rare, f"branches reached in under 3% of {n} draws: {rare}"
+
+
+@pytest.mark.slow
+@settings(max_examples=2000, deadline=None)
+@seed(20261123)
+@given(meta=tile_layouts.tiled_meta(num_rows=3), blocks=_SIZES)
+def test_many_random_layouts_are_classified_conservatively(meta, blocks):
+    """The same property on many more draws, three rows each (another fixed seed)."""
+    _check_conservative(meta, *blocks)
 
 
 def test_causal_text_is_classified_exactly():

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 
 from tests.kernels import kernel_checks as checks
-from tests.kernels import layouts
+from tests.kernels import layouts, tile_layouts
 from unijax.kernels import attention as attention_lib
 from unijax.kernels import pallas_gpu, pallas_tpu
 
@@ -15,9 +15,29 @@ backend = pytest.mark.parametrize("impl", sorted(BACKENDS))
 
 
 @backend
-@settings(max_examples=8, deadline=None)
+@settings(max_examples=40, deadline=None, derandomize=True)
 @given(meta=layouts.packed_meta(checks.B, checks.NUM_UND, checks.NUM_GEN))
 def test_matches_xla_on_random_layouts(impl, meta):
+    checks.assert_matches_xla(impl, meta)
+
+
+_TILE_LAYOUTS = {**tile_layouts.fixed_layouts(), "batch_builder": tile_layouts.builder_layout()}
+
+
+@backend
+@pytest.mark.parametrize("name", sorted(_TILE_LAYOUTS))
+def test_matches_xla_on_the_tile_classifier_layouts(impl, name):
+    """Rows built so that every tile class and every term of the tile rules decides some tile
+    of the kernels' 16 x 16 (forward) and 16 x 32 (backward) tiles, e.g. text after a noisy
+    image and its clean copy in one gen-side tile: a FULL tile there would let the text see
+    the noisy latents."""
+    checks.assert_matches_xla(impl, _TILE_LAYOUTS[name])
+
+
+@backend
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(meta=tile_layouts.tiled_meta(checks.B, checks.L))
+def test_matches_xla_on_tile_aimed_random_layouts(impl, meta):
     checks.assert_matches_xla(impl, meta)
 
 
