@@ -20,6 +20,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.seed = 0
     # Build the model from abstract shapes only, print the parameter count and exit.
     c.dry_run = False
+    # jax's persistent compilation cache ("" = off): a restarted or preempted job, and every
+    # host of a pod, then loads its compiled programs instead of compiling them again.
+    c.compilation_cache_dir = ""
 
     # --- model -------------------------------------------------------------------------------
     c.model = ml_collections.ConfigDict()

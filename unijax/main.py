@@ -31,6 +31,30 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True,
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for logs and checkpoints.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None,
+    "host:port of process 0 for a multi-process run (`jax.distributed`); with "
+    "--num_processes and --process_id. On TPU pods and SLURM use --distributed instead.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "processes of the run")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "call jax.distributed.initialize() with the addresses the platform "
+    "provides (TPU pods, SLURM)")
+
+
+def initialize_distributed() -> None:
+    """Joins a multi-process run when the flags ask for one (before any other jax call)."""
+    if not (_COORDINATOR.value or _DISTRIBUTED.value):
+        return
+    if jax.config.jax_platforms == "cpu" or os.environ.get("JAX_PLATFORMS") == "cpu":
+        # CPU processes exchange collectives over gloo (TCP), e.g. on a workstation.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if _COORDINATOR.value:
+        jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                                   num_processes=_NUM_PROCESSES.value,
+                                   process_id=_PROCESS_ID.value)
+    else:
+        jax.distributed.initialize()
 
 
 def run(config, workdir: str) -> int:
@@ -40,6 +64,8 @@ def run(config, workdir: str) -> int:
     logging.info("unijax main: workdir=%s, %d devices (%s), %d process(es)", workdir,
                  jax.device_count(), jax.devices()[0].platform, jax.process_count())
     config_lib.validate(config, num_devices=jax.device_count())
+    if config.get("compilation_cache_dir"):
+        jax.config.update("jax_compilation_cache_dir", config.compilation_cache_dir)
     mesh = sharding.make_mesh(config.mesh)
     print("resolved config:\n" + str(config), flush=True)
     print(f"mesh: {dict(mesh.shape)} over {mesh.devices.size} {jax.devices()[0].platform} "
@@ -76,6 +102,7 @@ def main(argv) -> None:
         raise app.UsageError("--config is required (e.g. --config=configs/tiny.py)")
     if not _WORKDIR.value:
         raise app.UsageError("--workdir is required")
+    initialize_distributed()
     try:
         code = run(_CONFIG.value, _WORKDIR.value)
     except (config_lib.ConfigError, train_lib.TrainingError) as e:

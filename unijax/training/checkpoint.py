@@ -42,6 +42,7 @@ class Checkpointer:
     def __init__(self, directory: str, *, every_steps: int, max_to_keep: int,
                  async_save: bool = True):
         self.directory = os.path.abspath(directory)
+        self.every_steps = int(every_steps)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, save_interval_steps=every_steps,
             enable_async_checkpointing=async_save, create=True, cleanup_tmp_directories=True)
@@ -64,6 +65,8 @@ class Checkpointer:
         The iterator state is read now; the arrays are copied off the devices before this
         returns and written in the background (`wait` blocks until the write is complete).
         """
+        if not force and step % self.every_steps:
+            return False
         args = {"state": ocp.args.StandardSave(state),
                 "config": ocp.args.JsonSave(json.loads(config.to_json_best_effort()))}
         if data_iter is not None:
