@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ml_collections
 import numpy as np
 
 from configs import base, tiny
@@ -67,8 +68,11 @@ KINDS = records.KINDS
 
 
 def data_config(pattern, batch_size=4, epochs=1, **kwargs):
-    """configs/tiny.py reading `pattern` as the one dataset "mix"."""
+    """configs/tiny.py reading `pattern` as the one dataset "mix" (whatever datasets and eval
+    datasets the config file names are dropped)."""
     c = tiny.get_config()
+    c.data.datasets = ml_collections.ConfigDict()
+    c.data.eval_datasets = ml_collections.ConfigDict()
     c.data.batch_size = batch_size
     c.data.num_epochs = epochs
     c.data.read_threads = 2

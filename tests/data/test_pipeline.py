@@ -1,5 +1,7 @@
 """The Grain pipeline: coverage, corrupt data, mixture, workers, global arrays, config."""
 
+import collections
+
 import msgpack
 import numpy as np
 import pytest
@@ -18,6 +20,7 @@ def run(config, **kwargs):
     for batch in it:
         batch_lib.validate(batch, latent_tokens_per_image=64)
         assert batch.batch_size == config.data.batch_size
+        assert (batch.doc_id > 0).any(), "a batch without any document"
         # Decoded pixels stay uint8 up to the device (the model normalises them).
         assert batch.vit_patches.dtype == batch.vae_images.dtype == np.uint8
         docs += [d for row in it.last_documents for d in row]
@@ -38,34 +41,116 @@ def test_one_epoch_packs_every_record_exactly_once(record_files, pack_buffer):
     assert it.truncated == 6  # the 6 videos need 4 VAE slots; tiny rows have 2
 
 
-def test_corrupt_records_are_skipped_and_counted(tmp_path):
+def _broken_records(rng, copies: int) -> dict[str, list[bytes]]:
+    """`copies` unusable records per skip reason, each a little different."""
+    out = collections.defaultdict(list)
+    for k in range(copies):
+        truncated = synth.make("caption", 900 + k, rng)
+        truncated["segments"][0]["bytes"] = truncated["segments"][0]["bytes"][:60 + k]
+        out["image_decode"].append(msgpack.packb(truncated, use_bin_type=True))
+        out["msgpack"].append(b"\x93garbage" + bytes([k]))
+        giant = records.make_record("caption", f"giant-{k}", "s", [
+            records.image_segment(synth.png(rng, 64, 64 + 8 * k), "image/png", "input"),
+            records.text_segment("big", "response")])
+        out["image_too_large"].append(msgpack.packb(giant, use_bin_type=True))
+        bad_video = synth.make("video", 910 + k, rng)
+        bad_video["segments"][1]["frames"][2] = bad_video["segments"][1]["frames"][2][:50 + k]
+        out["video_decode"].append(msgpack.packb(bad_video, use_bin_type=True))
+        out["schema_version"].append(
+            msgpack.packb(dict(synth.make("text", 920 + k, rng), schema=7 + k), use_bin_type=True))
+        no_segments = {key: v for key, v in synth.make("text", 930 + k, rng).items()
+                       if key != "segments"}
+        out["missing_field"].append(msgpack.packb(no_segments, use_bin_type=True))
+    return out
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_corrupt_records_are_skipped_and_counted(tmp_path, shuffle):
+    """Three bad records per reason: two spread through the file, one in its last six
+    records (unshuffled, the last records of the stream: they are read after the last good
+    one and travel with no batch of their own). Every good record is packed once, every bad
+    one counted under its reason and never packed."""
     rng = np.random.default_rng(1)
     good = [synth.make(k, i, rng) for i in range(16) for k in ("caption", "t2i", "interleaved",
                                                                "vqa", "text", "edit", "video")]
-    truncated = synth.make("caption", 900, rng)
-    truncated["segments"][0]["bytes"] = truncated["segments"][0]["bytes"][:60]
-    giant = records.make_record("caption", "giant", "s", [
-        records.image_segment(synth.png(rng, 64, 64), "image/png", "input"),
-        records.text_segment("big", "response")])
-    bad_video = synth.make("video", 901, rng)
-    bad_video["segments"][1]["frames"][2] = bad_video["segments"][1]["frames"][2][:50]
-    unknown = msgpack.packb(dict(synth.make("text", 902, rng), schema=7), use_bin_type=True)
-    no_segments = {k: v for k, v in synth.make("text", 903, rng).items() if k != "segments"}
-    broken = [msgpack.packb(truncated, use_bin_type=True), b"\x93garbage",
-              msgpack.packb(giant, use_bin_type=True), msgpack.packb(bad_video, use_bin_type=True),
-              unknown, msgpack.packb(no_segments, use_bin_type=True)]
+    broken = _broken_records(rng, copies=3)
     payloads = [records.encode_record(r) for r in good]
-    for k, payload in enumerate(broken):  # 6 of 118: 5%, spread through the file
-        payloads.insert(10 + 19 * k, payload)
+    spread = [b for reason in sorted(broken) for b in broken[reason][:2]]
+    for k, payload in enumerate(spread):  # 12 of 124, spread through the file
+        payloads.insert(3 + 9 * k, payload)
+    payloads += [broken[reason][2] for reason in sorted(broken)]  # the last six records
     records.write_raw(tmp_path / "bad.array_record", payloads)
     config = data_config(tmp_path / "bad.array_record", batch_size=8)
     config.data.max_image_pixels = 48 * 48
+    config.data.shuffle = shuffle
     it, docs = run(config)
     assert sorted(d[3] for d in docs) == sorted(r["id"] for r in good)
-    assert dict(it.skipped) == {"image_decode": 1, "msgpack": 1, "image_too_large": 1,
-                                "video_decode": 1, "schema_version": 1, "missing_field": 1}
-    bad_index = {10 + 19 * k for k in range(6)}
-    assert not bad_index & {d[2] for d in docs}
+    assert dict(it.skipped) == {reason: 3 for reason in broken}
+    good_index = {i for i, p in enumerate(payloads) if p in {records.encode_record(r)
+                                                             for r in good}}
+    assert {d[2] for d in docs} == good_index
+
+
+def test_a_stream_or_worker_share_of_bad_records_only_is_counted_without_a_batch(tmp_path):
+    """Records skipped after a stream's last document carry no batch: with two workers and
+    the bad records at odd indices, one worker reads nothing but bad records. They are all
+    counted, and no all-padding batch is yielded for them (`run` checks every batch)."""
+    rng = np.random.default_rng(3)
+    good = [synth.make("text", i, rng) for i in range(6)]
+    broken = _broken_records(rng, copies=1)
+    bad = [broken[r][0] for r in ("msgpack", "schema_version", "missing_field")] * 2
+    payloads = [p for pair in zip([records.encode_record(r) for r in good], bad) for p in pair]
+    records.write_raw(tmp_path / "alternate.array_record", payloads)
+    records.write_raw(tmp_path / "only_bad.array_record", bad)
+    config = data_config(tmp_path / "only_bad.array_record")
+    it, docs = run(config)
+    assert docs == [] and dict(it.skipped) == {"msgpack": 2, "schema_version": 2,
+                                               "missing_field": 2}
+    config = data_config(tmp_path / "alternate.array_record")
+    config.data.shuffle = False
+    it, docs = run(config, num_workers=2)
+    assert sorted(d[3] for d in docs) == sorted(r["id"] for r in good)
+    assert dict(it.skipped) == {"msgpack": 2, "schema_version": 2, "missing_field": 2}
+
+
+@pytest.mark.parametrize("epochs", [1, 2])
+def test_a_finite_mixture_reads_every_record_of_every_dataset(tmp_path, epochs):
+    """Datasets of 20 and 5 records (weights 1 : 2), each ending in bad records: a finite pass
+    packs every good record of both `epochs` times and counts every bad one (a plain
+    `MapDataset.mix` would stop when the small dataset runs out)."""
+    rng = np.random.default_rng(2)
+    broken = _broken_records(rng, copies=2)
+    a = [synth.make("text", i, rng, "a") for i in range(20)]
+    b = [synth.make("caption", i, rng, "b") for i in range(5)]
+    records.write_raw(tmp_path / "a.array_record",
+                      [records.encode_record(r) for r in a] + broken["msgpack"])
+    records.write_raw(tmp_path / "b.array_record",
+                      [records.encode_record(r) for r in b] + broken["schema_version"])
+    config = data_config(tmp_path / "a.array_record", epochs=epochs, weight=1.0)
+    config.data.datasets.b = base.data_source(str(tmp_path / "b.array_record"), weight=2.0)
+    it, docs = run(config)
+    ids = collections.Counter(d[3] for d in docs)
+    assert ids == {r["id"]: epochs for r in a + b}
+    assert dict(it.skipped) == {"msgpack": 2 * epochs, "schema_version": 2 * epochs}
+
+
+def test_finite_mixture_order():
+    """Every element of every dataset once; while all last, the weights' proportions (2:1:1 in
+    every cycle of 4); then the longer datasets alone."""
+    mixture = pipeline.FiniteMixture([6, 30, 3], [2.0, 1.0, 1.0])
+    picks = [mixture[i] for i in range(len(mixture))]
+    assert sorted(picks) == sorted((d, j) for d, n in enumerate([6, 30, 3]) for j in range(n))
+    for d in range(3):  # each dataset in its own order
+        ranks = [j for k, j in picks if k == d]
+        assert ranks == sorted(ranks)
+    assert [k for k, _ in picks[:4]] == [0, 0, 1, 2]
+    assert collections.Counter(k for k, _ in picks[:12]) == {0: 6, 1: 3, 2: 3}
+    assert {k for k, _ in picks[12:]} == {1}
+    assert len(pipeline.FiniteMixture([4, 4], [0.7, 0.3])) == 8
+    with pytest.raises(IndexError):
+        mixture[len(mixture)]
+    with pytest.raises(ValueError, match="one positive weight per dataset"):
+        pipeline.FiniteMixture([3, 3], [1.0, 0.0])
 
 
 def test_overlong_documents_are_dropped_by_config(record_files):

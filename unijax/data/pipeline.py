@@ -3,7 +3,8 @@
   per dataset:  ArrayRecordDataSource -> this host's shard (ShardByJaxProcess) -> shuffle ->
                 repeat -> decode + plan (tokenize, images, flow times, CFG dropout; seeded per
                 element, so the stream is a function of the seed)
-  mixture:      MapDataset.mix by the config weights
+  mixture:      MapDataset.mix by the config weights (finite epochs: `FiniteMixture`, which
+                reads every record of every dataset, where `mix` stops at the first that ends)
   per worker:   read threads -> first-fit assignment of documents to `batch_size` rows, with
                 a look-ahead buffer of `config.data.pack_buffer` documents that fit no open row
   workers:      mp_prefetch (spawn; every stage here is a picklable top-level class)
@@ -19,6 +20,9 @@ corrupt video frame, image over `config.data.max_image_pixels`, document too lon
 becomes a `Skip` that travels with the next batch; the main-process iterator logs it with its
 file and index and counts it per reason (`iterator.skipped`). Good records are never dropped:
 every record is either packed (documents are listed in `iterator.last_documents`) or counted.
+Records skipped after a stream's last document (the end of a finite stream, or of one worker's
+share) travel without a batch: they are counted before the iterator stops, and no all-padding
+batch is yielded for them.
 
 Checkpointing: the iterator is a `grain.DatasetIterator`; save and restore it with
 `grain.checkpoint.CheckpointSave(it)` / `CheckpointRestore(fresh_it)` under an Orbax
@@ -30,9 +34,12 @@ batches the saved one would have.
 
 from __future__ import annotations
 
+import bisect
 import collections
 import dataclasses
+import fractions
 import glob
+import math
 import os
 import traceback
 
@@ -153,6 +160,57 @@ class RecordToPlan:
         except Exception as e:  # never crash on data; the reason names the exception type
             logging.error("unexpected error on %s:%d\n%s", path, index, traceback.format_exc())
             return Skip(f"error_{type(e).__name__}", self.dataset, path, index, str(e))
+
+
+class FiniteMixture(grain.transforms.DatasetSelectionMap):
+    """Interleaves finite datasets by weight until every one of them is exhausted.
+
+    `MapDataset.mix` ends the mixture when its first component runs out, so a finite pass
+    over datasets of other sizes would never read the tail of the others (neither packed nor
+    counted as skipped). Here the weights become small integer proportions p_i (within 1%);
+    the mixture is a sequence of cycles that take p_i elements of dataset i each, in a smooth
+    order (element j of dataset i at (j + 1) / p_i); when a dataset runs out, the cycles go
+    on over the others. Every element of every dataset appears exactly once, in a fixed
+    order (stateless and picklable, as grain requires).
+    """
+
+    def __init__(self, lengths, weights):
+        if len(lengths) != len(weights) or min(weights) <= 0:
+            raise ValueError(f"FiniteMixture: need one positive weight per dataset, got "
+                             f"lengths {list(lengths)}, weights {list(weights)}")
+        ratios = [fractions.Fraction(w / max(weights)).limit_denominator(100) for w in weights]
+        scale = math.lcm(*(r.denominator for r in ratios))
+        proportions = [int(r * scale) or 1 for r in ratios]
+        divisor = math.gcd(*proportions)
+        proportions = [p // divisor for p in proportions]
+        # Phases: (first global index, per cycle position its dataset and rank, taken before
+        # the phase per dataset, elements per cycle per dataset).
+        self._starts, self._phases = [], []
+        remaining, taken, start = [int(n) for n in lengths], [0] * len(lengths), 0
+        while any(remaining):
+            take = [min(p, r) for p, r in zip(proportions, remaining)]
+            cycles = min(r // t for r, t in zip(remaining, take) if t)
+            slots = sorted(((j + 1) / t, i, j) for i, t in enumerate(take) for j in range(t))
+            order = tuple((i, j) for _, i, j in slots)
+            self._starts.append(start)
+            self._phases.append((order, tuple(taken), tuple(take)))
+            for i, t in enumerate(take):
+                taken[i] += cycles * t
+                remaining[i] -= cycles * t
+            start += cycles * len(order)
+        self._length = start
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getitem__(self, index: int) -> tuple[int, int]:
+        if not 0 <= index < self._length:
+            raise IndexError(f"FiniteMixture: index {index} outside [0, {self._length})")
+        phase = bisect.bisect_right(self._starts, index) - 1
+        order, taken, take = self._phases[phase]
+        cycle, position = divmod(index - self._starts[phase], len(order))
+        dataset, rank = order[position]
+        return dataset, taken[dataset] + cycle * take[dataset] + rank
 
 
 def with_index(index: int, element):
@@ -279,12 +337,17 @@ class HostBatchIterator(grain.DatasetIterator):
         self.last_documents: list[list[tuple]] = []
 
     def __next__(self) -> batch_lib.PackedBatch:
-        element = next(self._parent)
-        for reason, dataset, path, index, message in element["skips"]:
-            self.skipped[reason] += 1
-            logging.warning("skipped record %s:%d (dataset %s, %s): %s", path, index, dataset,
-                            reason, message)
-        rows = element["rows"]
+        while True:
+            element = next(self._parent)  # its StopIteration ends the stream, skips counted
+            for reason, dataset, path, index, message in element["skips"]:
+                self.skipped[reason] += 1
+                logging.warning("skipped record %s:%d (dataset %s, %s): %s", path, index,
+                                dataset, reason, message)
+            rows = element["rows"]
+            if any(rows):
+                break
+            # Only skipped records (after the last document of a stream or of a worker's
+            # share): counted above, no all-padding batch for them.
         self.last_documents = packing.document_keys(rows)
         self.documents += sum(len(row) for row in rows)
         self.truncated += int(element["truncated"])
@@ -345,7 +408,13 @@ def make_dataset(config, *, shard: grain.sharding.ShardOptions | None = None,
         ds = ds.random_map(RecordToPlan(ds_spec.name, ds_spec.options, settings, data.tokenizer))
         components.append(ds)
         weights.append(ds_spec.weight)
-    mixed = components[0] if len(components) == 1 else grain.MapDataset.mix(components, weights)
+    if len(components) == 1:
+        mixed = components[0]
+    elif num_epochs is None:
+        mixed = grain.MapDataset.mix(components, weights)
+    else:  # a finite pass reads every record of every dataset
+        mixed = grain.MapDataset.select_from_datasets(
+            components, FiniteMixture([len(c) for c in components], weights))
     indexed = mixed.map_with_index(with_index)
     stream = indexed.to_iter_dataset(grain.ReadOptions(
         num_threads=data.read_threads, prefetch_buffer_size=data.prefetch_buffer_size))
