@@ -42,6 +42,9 @@ def test_resize_range_shape_and_seeded_crop(rng):
     out = images.resize(img, rule)
     assert out.dtype == np.float32 and out.shape == (16, 32, 3)
     assert out.min() >= -1 and out.max() <= 1
+    # Pixels map to [-1, 1] as x / 127.5 - 1, and resizing a flat colour keeps it.
+    flat = images.resize(np.full((30, 120, 3), (0, 51, 255), np.uint8), rule)
+    np.testing.assert_allclose(flat, np.broadcast_to([-1.0, -0.6, 1.0], flat.shape), atol=1e-5)
     a = images.resize(img, rule, np.random.default_rng(3))
     b = images.resize(img, rule, np.random.default_rng(3))
     np.testing.assert_array_equal(a, b)

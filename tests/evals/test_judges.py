@@ -181,8 +181,9 @@ def test_position_requires_the_relation_between_the_right_objects():
 
 @pytest.mark.parametrize("size", [32, 64])
 def test_digits_judge_on_held_out_real_digits(size):
+    """The accuracy README states (99.4% on the held-out real digits), at both sizes."""
     accuracy = digits_judge.held_out_accuracy(size)
-    assert accuracy >= 0.95, accuracy
+    assert accuracy >= 0.994, accuracy
 
 
 def test_digits_judge_reads_any_image_size_and_answers():

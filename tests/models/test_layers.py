@@ -20,8 +20,14 @@ def test_rms_norm_matches_formula_and_keeps_compute_dtype(rng):
     expected = x / np.sqrt((x**2).mean(-1, keepdims=True) + 1e-6) * np.asarray(norm.scale[...])
     np.testing.assert_allclose(norm(jnp.asarray(x)), expected, rtol=1e-5, atol=1e-6)
     bf16 = layers.RMSNorm(8, eps=1e-6, dtype=jnp.bfloat16, param_dtype=jnp.float32)
-    assert bf16(jnp.asarray(x)).dtype == jnp.bfloat16
+    bf16.scale[...] = norm.scale[...]
+    y = bf16(jnp.asarray(x, jnp.bfloat16))
+    assert y.dtype == jnp.bfloat16
     assert bf16.scale[...].dtype == jnp.float32
+    # Statistics in float32: only the output rounding (2^-8 relative) is lost.
+    x16 = np.asarray(jnp.asarray(x, jnp.bfloat16), np.float32)
+    want = x16 / np.sqrt((x16**2).mean(-1, keepdims=True) + 1e-6) * np.asarray(norm.scale[...])
+    np.testing.assert_allclose(np.asarray(y, np.float32), want, rtol=2 * 2**-8, atol=1e-6)
 
 
 def _rope_reference(x, positions, theta):
@@ -40,6 +46,17 @@ def test_rope_matches_hf_rotate_half_convention(rng):
     cos, sin = layers.rope_cos_sin(jnp.asarray(positions), 16, 1e6, jnp.float32)
     out = layers.apply_rope(jnp.asarray(x), cos, sin)
     np.testing.assert_allclose(out, _rope_reference(x, positions, 1e6), rtol=1e-4, atol=1e-4)
+
+
+def test_rope_angles_are_float32_in_bfloat16_compute(rng):
+    """Angles in float32 then cast (HF): at position 1000 a bfloat16 angle would be off by
+    up to 4 radians."""
+    positions = jnp.asarray(rng.integers(0, 1000, (2, 5)))
+    cos16, sin16 = layers.rope_cos_sin(positions, 16, 1e6, jnp.bfloat16)
+    cos32, sin32 = layers.rope_cos_sin(positions, 16, 1e6, jnp.float32)
+    assert cos16.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(cos16, cos32.astype(jnp.bfloat16))
+    np.testing.assert_array_equal(sin16, sin32.astype(jnp.bfloat16))
 
 
 def test_rope_scores_depend_only_on_position_difference(rng):

@@ -157,34 +157,47 @@ def _astronaut(size: int) -> np.ndarray:
 
 
 _encode_all = nnx.jit(lambda m, x, key: (m.encode(x), m.encode(x), m.encode(x, key),
-                                          m.encode_moments(x)[1]))
+                                          *m.encode_moments(x)))
 
 
 def test_photo_round_trip_shapes_and_determinism():
-    """Random weights cannot reconstruct; check shapes, finiteness and that the mean path is
-    deterministic while posterior sampling is not (and has the posterior's spread)."""
+    """Random weights cannot reconstruct; check shapes, finiteness, the FLUX scaling of the
+    posterior mean, and that the mean path is deterministic while posterior sampling is not
+    (and has the posterior's spread)."""
     model = _random(_cfg())
     x = _astronaut(32)
-    z1, z2, s1, logvar = _encode_all(model, x, jax.random.key(1))
+    z1, z2, s1, mean, logvar = _encode_all(model, x, jax.random.key(1))
     assert z1.shape == (1, 16, 16, 16) and z1.dtype == jnp.float32
+    np.testing.assert_allclose(z1, 0.3611 * (np.asarray(mean) - 0.1159), rtol=1e-6, atol=1e-6)
     np.testing.assert_array_equal(z1, z2)
     img1, img2 = _decode(model, z1), _decode(model, z2)
     assert img1.shape == x.shape and np.all(np.isfinite(img1))
     np.testing.assert_array_equal(img1, img2)
+    # decode() undoes the scaling: decoding the raw mean through the decoder alone agrees.
+    raw = nnx.jit(lambda m, z: m.decoder(z))(model, mean)
+    np.testing.assert_allclose(img1, raw, rtol=1e-4, atol=1e-4)
     # (sample - mean) / (scale * std) is standard normal.
     noise = (np.asarray(s1) - np.asarray(z1)) / (0.3611 * np.exp(0.5 * np.asarray(logvar)))
     assert abs(noise.mean()) < 0.1 and abs(noise.std() - 1) < 0.1
 
 
+def _relative_error(got, want) -> float:
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    return float(np.linalg.norm(got - want) / np.linalg.norm(want))
+
+
 def test_bf16_close_to_fp32():
+    """bfloat16 compute, float32 latents out: ~1.2% relative error through the encoder and
+    the decoder (rounding); GroupNorm statistics in bfloat16 would give several %."""
     f32, bf16 = _random(_cfg()), _random(_cfg(), dtype=jnp.bfloat16)
     x = _astronaut(32)
     z32, z16 = _encode_mean(f32, x), _encode_mean(bf16, x)
     assert z16.dtype == jnp.float32
-    scale = float(np.abs(z32).max())
-    np.testing.assert_allclose(z16, z32, atol=0.05 * scale)
+    assert _relative_error(z16, z32) < 3e-2
+    np.testing.assert_allclose(z16, z32, atol=3e-2 * float(np.abs(z32).max()))
     i32, i16 = _decode(f32, z32), _decode(bf16, z32)
-    np.testing.assert_allclose(i16, i32, atol=0.05 * float(np.abs(i32).max()))
+    assert _relative_error(i16, i32) < 3e-2
+    np.testing.assert_allclose(i16, i32, atol=3e-2 * float(np.abs(i32).max()))
 
 
 @pytest.mark.slow

@@ -154,12 +154,17 @@ def test_packed_images_match_single_images(mode):
 
 
 def test_bf16_runs_and_is_close():
+    """bfloat16 compute with the same weights: ~0.6% relative error (rounding); LayerNorm
+    statistics or softmax in bfloat16 would give several %."""
     f32, bf16 = _model("extrapolate"), _model("extrapolate", dtype=jnp.bfloat16)
     image = np.random.default_rng(0).uniform(-1, 1, (3 * PATCH, 4 * PATCH, 3)).astype(np.float32)
     payload, _ = _pack([image], SLOTS)
     a, b = np.asarray(_forward(f32, *payload)), _forward(bf16, *payload)
     assert b.dtype == jnp.bfloat16
-    np.testing.assert_allclose(np.asarray(b, np.float32), a, atol=0.05 * np.abs(a).max())
+    b = np.asarray(b, np.float64)[0, :12]
+    error = np.linalg.norm(b - a[0, :12]) / np.linalg.norm(a[0, :12])
+    assert error < 2e-2, error
+    np.testing.assert_allclose(b, a[0, :12], atol=2e-2 * np.abs(a).max())
 
 
 @pytest.mark.slow
