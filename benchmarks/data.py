@@ -2,6 +2,7 @@ r"""Input-pipeline throughput per host: records/s and tokens/s per record type a
 
   PYTHONPATH=. python benchmarks/data.py                        # every kind, workers 0,1,2,4
   PYTHONPATH=. python benchmarks/data.py --kinds=caption,video --workers=2 --seconds=10
+  PYTHONPATH=. python benchmarks/data.py --tiny --out=/tmp/rows.md     # seconds: a smoke test
   python -m unijax.data.worlds --out=/tmp/worlds_full && \
     PYTHONPATH=. python benchmarks/data.py --fill=/tmp/worlds_full --pack_buffers=0,4,16,50
 
@@ -13,6 +14,10 @@ und 20480 + gen 16384 tokens per row), one packed row per host batch. Tokens are
 non-padding tokens of packed rows (text, markers, ViT patches, VAE latents). A row for mp4
 decoding (`video.sample_frames`, what the video converter does) is added. Rows are appended to
 benchmarks/RESULTS.md (or --out) with device, date and command.
+
+`--tiny` shrinks everything for a smoke test (the test suite runs it): images and clips 8x
+smaller, the shapes of configs/tiny.py, 4 records per kind, a fixed count of batches
+(`--batches`, default 2 with --tiny) instead of a timed interval, a short small mp4.
 
 `--fill=DIR` measures packing instead: how full the rows of configs/tiny.py get on the embedded
 worlds (`python -m unijax.data.worlds --out=DIR`, shapes and digits train splits mixed 2:1 by
@@ -53,11 +58,13 @@ def sentence(rng, n) -> str:
     return " ".join(rng.choice(WORDS, n)) + "."
 
 
-def make_records(kind: str, n: int, rng) -> list[dict]:
-    """`n` records of one kind with real JPEG payloads."""
+def make_records(kind: str, n: int, rng, shrink: int = 1) -> list[dict]:
+    """`n` records of one kind with real JPEG payloads (image sides divided by `shrink`)."""
     from unijax.data import images, records
 
-    jpeg = lambda h=480, w=640: images.encode_image(photo(rng, h, w), "image/jpeg", 90)
+    def jpeg(h=480, w=640):
+        return images.encode_image(photo(rng, h // shrink, w // shrink), "image/jpeg", 90)
+
     seg_t, seg_i = records.text_segment, records.image_segment
     out = []
     for i in range(n):
@@ -89,29 +96,37 @@ def make_records(kind: str, n: int, rng) -> list[dict]:
     return out
 
 
-def bench_config(pattern: str, workers: int):
-    from configs import bagel_7b_mot, base
+def bench_config(pattern: str, workers: int, tiny: bool = False):
+    import ml_collections
 
-    c = bagel_7b_mot.get_config()
+    from configs import bagel_7b_mot, base
+    from configs import tiny as tiny_config
+
+    c = tiny_config.get_config() if tiny else bagel_7b_mot.get_config()
     c.data.batch_size = 1  # one packed row per host batch (BAGEL: one sequence per GPU)
     c.data.num_workers = workers
     c.data.read_threads = 2
+    c.data.datasets = ml_collections.ConfigDict()
     c.data.datasets.bench = base.data_source(pattern, max_video_frames=16,
-                                             video_frame_size=512)
+                                             video_frame_size=c.data.vae_image_size if tiny
+                                             else 512)
     return c
 
 
-def measure(pattern: str, workers: int, seconds: float) -> tuple[float, float, float]:
-    """(records/s, tokens/s, tokens/record) after the first batch (worker start-up excluded)."""
+def measure(pattern: str, workers: int, seconds: float, batches: int = 0,
+            tiny: bool = False) -> tuple[float, float, float]:
+    """(records/s, tokens/s, tokens/record) after the first batch (worker start-up excluded),
+    over `seconds` or, when `batches` > 0, over exactly that many batches."""
     from unijax.data import pipeline
 
-    it = pipeline.make_iterator(bench_config(pattern, workers))
+    it = pipeline.make_iterator(bench_config(pattern, workers, tiny))
     for _ in range(max(1, workers)):  # every worker has started
         next(it)
-    docs0, tokens, start = it.documents, 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
+    docs0, tokens, count, start = it.documents, 0, 0, time.perf_counter()
+    while (count < batches) if batches else (time.perf_counter() - start < seconds):
         batch = next(it)
         tokens += int((batch.doc_id > 0).sum())
+        count += 1
     elapsed = time.perf_counter() - start
     docs = it.documents - docs0
     it.close()
@@ -159,13 +174,15 @@ def fill_rows(args, command: str) -> list[str]:
     return rows
 
 
-def bench_mp4(tmpdir: str) -> tuple[float, float]:
-    """(frames decoded/s, clips sampled at 2 fps/s) on a 10 s 640x360 24 fps H.264 clip."""
+def bench_mp4(tmpdir: str, shrink: int = 1) -> tuple[float, float, str]:
+    """(frames decoded/s, clips sampled at 2 fps/s, "WxH") on a 10 s 640x360 24 fps H.264 clip
+    (with `shrink`: sides and length divided by it)."""
     from unijax.data import video
 
     rng = np.random.default_rng(0)
-    base_frame = photo(rng, 360, 640)
-    frames = [np.roll(base_frame, 4 * k, axis=1) for k in range(240)]
+    even = lambda n: n // (2 * shrink) * 2  # H.264 wants even sides
+    base_frame = photo(rng, even(360), even(640))
+    frames = [np.roll(base_frame, 4 * k, axis=1) for k in range(240 // shrink)]
     path = os.path.join(tmpdir, "clip.mp4")
     video.write_mp4(path, frames, fps=24)
     start = time.perf_counter()
@@ -174,7 +191,7 @@ def bench_mp4(tmpdir: str) -> tuple[float, float]:
     start = time.perf_counter()
     for _ in range(3):
         video.sample_frames(path, fps=2.0, max_frames=16)
-    return all_fps, 3 / (time.perf_counter() - start)
+    return all_fps, 3 / (time.perf_counter() - start), f"{even(640)}x{even(360)}"
 
 
 def tpu_estimate_row(date: str) -> str:
@@ -203,13 +220,22 @@ def main(argv=None) -> None:
     parser.add_argument("--pack_buffers", default="0,4,16,50")
     parser.add_argument("--fill_batches", type=int, default=100)
     parser.add_argument("--fill_warmup", type=int, default=10)
+    parser.add_argument("--tiny", action="store_true",
+                        help="small images, configs/tiny.py shapes, few records: a smoke test")
+    parser.add_argument("--batches", type=int, default=0,
+                        help="measure this many batches instead of --seconds (--tiny: 2)")
     args = parser.parse_args(argv)
+    if args.tiny:
+        args.records = min(args.records, 4)
+        args.batches = args.batches or 2
+    shrink = 8 if args.tiny else 1
     from absl import flags
 
     flags.FLAGS.mark_as_parsed()  # Grain's worker processes read an absl flag
     from unijax.data import records
 
-    command = "PYTHONPATH=. python benchmarks/data.py " + " ".join(sys.argv[1:])
+    command = "PYTHONPATH=. python benchmarks/data.py " + " ".join(
+        sys.argv[1:] if argv is None else argv)
     if args.fill:
         rows = fill_rows(args, command)
         with open(args.out, "a") as f:
@@ -222,16 +248,17 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for kind in args.kinds.split(","):
             path = os.path.join(tmp, f"{kind}.array_record")
-            records.write_records(path, make_records(kind, args.records, rng))
+            records.write_records(path, make_records(kind, args.records, rng, shrink))
             for workers in (int(w) for w in args.workers.split(",")):
-                rec_s, tok_s, per = measure(path, workers, args.seconds)
+                rec_s, tok_s, per = measure(path, workers, args.seconds, args.batches,
+                                            args.tiny)
                 label = f"{workers}" if workers else "0 (in-process)"
                 row = (f"| {args.device} | {args.date} | {kind} | {label} | {rec_s:.1f} | "
                        f"{tok_s:,.0f} | {per:,.0f} | `{command}` |")
                 print(row, flush=True)
                 rows.append(row)
-        all_fps, clips = bench_mp4(tmp)
-        rows.append(f"| {args.device} | {args.date} | mp4 decode (PyAV, 640x360 H.264) | "
+        all_fps, clips, size = bench_mp4(tmp, shrink)
+        rows.append(f"| {args.device} | {args.date} | mp4 decode (PyAV, {size} H.264) | "
                     f"1 thread_type=AUTO | {clips:.1f} clips/s sampled at 2 fps | "
                     f"{all_fps:.0f} frames/s decoding every frame | - | `{command}` |")
         print(rows[-1])
