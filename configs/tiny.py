@@ -4,7 +4,9 @@ r"""Tiny unified model on the embedded worlds: the CPU default, trains in minute
 
 Two-expert MoT of 4 layers at width 128 with a 2-layer ViT on 32 px images; no VAE: images are
 generated in pixel space as 4x4 RGB patches (48 features per token). The vocabulary is the
-built-in byte-level tokenizer's (256 bytes + special tokens).
+built-in byte-level tokenizer's (256 bytes + special tokens). The data are the embedded worlds
+(shapes and digits), written into WORKDIR/worlds on the first run; held-out CE and flow MSE
+are measured on their eval splits.
 """
 
 import ml_collections
@@ -54,10 +56,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.eval_datasets.shapes = base.data_source("{worlds}/shapes/eval-*.array_record")
     c.data.eval_datasets.digits = base.data_source("{worlds}/digits/eval-*.array_record")
 
-    c.train.steps = 300
-    c.train.lr = 1e-3
-    c.train.warmup_steps = 20
-    c.train.ema_decay = 0.99
-    c.train.log_every = 20
-    c.checkpoint.every_steps = 100
+    # Chosen for what sampling needs, within ~15 minutes on 2 CPU cores (benchmarks/RESULTS.md,
+    # "main job"): the held-out CE and flow MSE targets are met by step ~600 at BAGEL's
+    # settings, but samples are then blobs, because layout is decided at high noise and a
+    # logit-normal t rarely visits it. So: a timestep shift of 3 (BAGEL's sampling shift;
+    # median training time 0.75), 2000 steps, a higher peak lr with a cosine decay, and an EMA
+    # of about 200 steps.
+    c.train.steps = 2000
+    c.train.lr = 2e-3
+    c.train.warmup_steps = 50
+    c.train.schedule = "cosine"
+    c.train.min_lr = 1e-4
+    c.train.timestep_shift = 3.0
+    c.train.ema_decay = 0.995
+    c.train.log_every = 50
+    c.train.eval_every = 500
+    c.checkpoint.every_steps = 500
     return c

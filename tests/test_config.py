@@ -15,6 +15,14 @@ def test_shipped_configs_validate(module, arg):
     config_lib.validate(config, num_devices=8)
 
 
+def test_grad_accum_must_leave_whole_rows_per_batch_shard(tiny_config):
+    tiny_config.train.grad_accum = 2  # 8 rows over 8 batch shards: 1 row each, not 2 x 0.5
+    with pytest.raises(config_lib.ConfigError, match="does not split into config.train."
+                                                     "grad_accum=2 micro-batches"):
+        config_lib.validate(tiny_config, num_devices=8)
+    config_lib.validate(tiny_config, num_devices=4)
+
+
 def test_bagel_shapes_match_official_release():
     llm = bagel_7b_mot.get_config().model.llm
     assert (llm.hidden_size, llm.num_layers, llm.num_heads, llm.num_kv_heads) == (3584, 28, 28, 4)
@@ -92,6 +100,29 @@ _BAD_MORE = [
     ("data.gen_capacity", -1, "config.data.gen_capacity must be >= 0, got -1"),
 ]
 
+# Errors of the trainer's fields.
+_BAD_TRAIN = [
+    ("train.schedule", "step", "config.train.schedule must be one of"),
+    ("train.min_lr", 1.0, "config.train.min_lr must be in [0, config.train.lr="),
+    ("train.b2", 1.0, "config.train.b2 must be in [0, 1), got 1.0"),
+    ("train.eps", 0.0, "config.train.eps must be positive"),
+    ("train.grad_clip", -1.0, "config.train.grad_clip must be >= 0"),
+    ("train.z_loss_weight", -0.1, "config.train.z_loss_weight must be >= 0"),
+    ("train.grad_accum", 0, "config.train.grad_accum must be an int >= 1, got 0"),
+    ("train.grad_accum", 3, "config.data.batch_size=8 is not divisible by "
+                            "config.train.grad_accum=3"),
+    ("train.ce_chunk_size", 0, "config.train.ce_chunk_size must be an int >= 1"),
+    ("train.eval_batches", 0, "config.train.eval_batches must be an int >= 1"),
+    ("train.eval_timesteps", (0.5, 1.5), "config.train.eval_timesteps must be flow times in "
+                                         "(0, 1]"),
+    ("train.freeze", ("vit/.*", 3), "config.train.freeze must be a tuple of regex strings"),
+    ("train.lr_multipliers", (("vit/.*",),), "config.train.lr_multipliers must be (regex, "
+                                             "factor) pairs"),
+    ("checkpoint.every_steps", 0, "config.checkpoint.every_steps must be an int >= 1"),
+    ("data.eval_datasets.shapes.weight", -1.0, "config.data.eval_datasets.shapes.weight must "
+                                               "be positive"),
+]
+
 
 def _set(config, path, value):
     *parents, leaf = path.split(".")
@@ -101,8 +132,8 @@ def _set(config, path, value):
     node[leaf] = value
 
 
-@pytest.mark.parametrize("path,value,message", _BAD + _BAD_MORE,
-                         ids=[b[0] for b in _BAD + _BAD_MORE])
+@pytest.mark.parametrize("path,value,message", _BAD + _BAD_MORE + _BAD_TRAIN,
+                         ids=[b[0] for b in _BAD + _BAD_MORE + _BAD_TRAIN])
 def test_each_validation_error_names_the_field(tiny_config, path, value, message):
     _set(tiny_config, path, value)
     with pytest.raises(config_lib.ConfigError) as e:

@@ -92,8 +92,8 @@ def helpers_read(workdir):
         return [json.loads(line) for line in f if line.strip()]
 
 
-def _wait_for_step(process, workdir, step, timeout=300) -> None:
-    """Polls metrics.jsonl until `step` is logged (or the process ends)."""
+def _wait_for_step(process, workdir, step, timeout=600) -> None:
+    """Polls metrics.jsonl until `step` is logged; kills the run if it never comes."""
     deadline = time.monotonic() + timeout
     path = os.path.join(workdir, "metrics.jsonl")
     while time.monotonic() < deadline:
@@ -103,6 +103,8 @@ def _wait_for_step(process, workdir, step, timeout=300) -> None:
                                         for r in helpers_read(workdir)):
             return
         time.sleep(0.05)
+    process.kill()
+    process.communicate()
     raise AssertionError(f"step {step} not reached in {timeout} s")
 
 
@@ -144,8 +146,8 @@ def test_sigterm_saves_exits_0_and_the_next_run_resumes_there(worlds_dir, tmp_pa
     assert "preempted: saved step" in stdout
     saved = int(stdout.split("preempted: saved step ")[1].split()[0])
     assert 3 <= saved < STEPS
-    assert checkpoint.Checkpointer(str(tmp_path / "checkpoints"), every_steps=1,
-                                   max_to_keep=2).latest_step() == saved
+    ckpt = checkpoint.Checkpointer(str(tmp_path / "checkpoints"), every_steps=1, max_to_keep=2)
+    assert ckpt.latest_step() == saved and len(ckpt.all_steps()) == 2  # max_to_keep
     result = _main_job(tmp_path, worlds_dir)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"restored from step {saved}" in result.stdout

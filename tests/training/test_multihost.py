@@ -1,15 +1,19 @@
-"""Two local processes (`jax.distributed` on localhost, gloo) train, checkpoint and restore:
-the same code path as a multi-host pod, each host feeding its own shard of the data."""
+"""Two local processes (`jax.distributed` on localhost, gloo) train, checkpoint, agree on a
+preemption and restore: the code path of a multi-host pod, each host feeding its own shard of
+the data and writing its own shards of the state."""
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+STEPS = 12
 
 
 def _free_port() -> int:
@@ -18,41 +22,79 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _two_hosts(workdir, worlds_dir, steps):
-    """Runs the main job as 2 processes of 2 CPU devices each; returns their outputs."""
+def _start(workdir, worlds_dir):
+    """The main job as 2 processes of 2 CPU devices each (one mesh of 4 devices)."""
     port = _free_port()
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
                JAX_PLATFORMS="cpu")
-    procs = [subprocess.Popen(
+    return [subprocess.Popen(
         [sys.executable, "-m", "unijax.main", "--config=tests/training/small_config.py",
          f"--workdir={workdir}", f"--config.data.worlds.dir={worlds_dir}",
-         f"--config.train.steps={steps}", "--config.checkpoint.every_steps=2",
+         f"--config.train.steps={STEPS}", "--config.checkpoint.every_steps=4",
          f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for i in range(2)]
-    outputs = [p.communicate(timeout=600) for p in procs]
+
+
+def _finish(procs) -> list[str]:
+    try:
+        outputs = [p.communicate(timeout=600) for p in procs]
+    finally:
+        _kill(procs)
     for p, (_, err) in zip(procs, outputs):
         assert p.returncode == 0, err[-3000:]
     return [out for out, _ in outputs]
 
 
+def _kill(procs) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+
+
+def _rows(workdir) -> list[dict]:
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
 def _losses(workdir) -> dict[int, float]:
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
-    return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+    return {r["step"]: r["train/loss"] for r in _rows(workdir) if "train/loss" in r}
 
 
 @pytest.mark.multiprocess
 @pytest.mark.slow
-def test_two_processes_train_checkpoint_and_restore(worlds_dir, tmp_path):
+def test_two_processes_train_agree_on_preemption_and_restore(worlds_dir, tmp_path):
     full = tmp_path / "full"
-    out = _two_hosts(full, worlds_dir, 4)
+    out = _finish(_start(full, worlds_dir))
     assert "over 4 cpu device(s)" in out[0]  # one global mesh over both hosts' devices
-    state_files = sorted(os.listdir(full / "checkpoints" / "4" / "data_iter"))
-    assert "process_0-of-2.json" in state_files and "process_1-of-2.json" in state_files
+    step_dir = full / "checkpoints" / str(STEPS)
+    assert sorted(os.listdir(step_dir / "data_iter"))[:2] == ["commit_success.txt",
+                                                              "process_0-of-2.json"]
+    assert (step_dir / "data_iter" / "process_1-of-2.json").exists()
+    assert (step_dir / "state" / "ocdbt.process_1").is_dir()  # host 1 wrote its own shards
 
+    # SIGTERM to host 1 only: both hosts save the same step and exit 0.
     resumed = tmp_path / "resumed"
-    _two_hosts(resumed, worlds_dir, 2)
-    out = _two_hosts(resumed, worlds_dir, 4)
-    assert all("restored from step 2" in o for o in out)
+    procs = _start(resumed, worlds_dir)
+    try:
+        deadline = time.monotonic() + 600
+        while not any(s >= 2 for s in _losses(resumed)):
+            for p in procs:
+                assert p.poll() is None, p.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "step 2 was not reached"
+            time.sleep(0.05)
+    except BaseException:
+        _kill(procs)
+        raise
+    procs[1].send_signal(signal.SIGTERM)
+    out = _finish(procs)
+    saved = {int(o.split("preempted: saved step ")[1].split()[0]) for o in out}
+    assert len(saved) == 1 and 2 <= min(saved) < STEPS, out
+
+    out = _finish(_start(resumed, worlds_dir))
+    assert all(f"restored from step {min(saved)}" in o for o in out)
     assert _losses(resumed) == _losses(full)  # the restored run continues exactly

@@ -87,3 +87,43 @@ def test_frozen_parameters_are_bitwise_unchanged_and_hold_no_optimizer_state(con
                  for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]}
         assert not any("vit" in n or "layers/und" in n for n in names)
     assert _max_diff(state.params, params0) > 0  # the rest trained
+
+
+def test_frozen_vae_encodes_inside_the_step(worlds_dir, batches):
+    """With a (small) FLUX-layout VAE the step encodes the pixels itself, sampling the
+    posterior from the step's keys: the VAE gets no update and the model trains."""
+    from configs import base
+
+    config = helpers.small_config(worlds_dir, **{"mesh.data": 1})
+    vae = config.model.vae = base.flux_vae()
+    vae.latent_channels, vae.base_channels, vae.channel_mult = 4, 8, (1, 2)
+    vae.num_res_blocks, vae.norm_groups = 1, 4
+    config.model.latent_channels, config.model.latent_patch_size = 4, 2
+    trainer = helpers.Trainer(config, jax.devices()[:1])
+    state = trainer.init()
+    assert "vae" in state.frozen and "vae" not in state.params
+    vae0 = helpers.to_host(state.frozen["vae"])
+    params0 = helpers.to_host(state.params)
+    losses, state = trainer.run(state, batches[:3])
+    assert np.all(np.isfinite(losses)) and losses[0] > 1.0
+    assert _max_diff(state.frozen["vae"], vae0) == 0
+    # The first step runs at learning rate 0 (warmup), the second moves the zero-initialised
+    # velocity head, the third reaches vae2llm through it.
+    assert _max_diff(state.params["llm2vae"], params0["llm2vae"]) > 0
+    assert _max_diff(state.params["vae2llm"], params0["vae2llm"]) > 0
+
+
+def test_too_many_nonfinite_steps_in_a_row_stop_the_run(worlds_dir, tmp_path):
+    """An absurd learning rate sends the weights to inf: every later step is skipped, and the
+    run stops after max_nonfinite_steps of them with a message saying so."""
+    from unijax.training import metrics
+    from unijax.training import train as train_lib
+
+    config = helpers.small_config(worlds_dir, **{
+        "train.lr": 1e30, "train.warmup_steps": 0, "train.grad_clip": 0.0,
+        "train.max_nonfinite_steps": 3, "train.steps": 30})
+    with pytest.raises(train_lib.TrainingError, match="3 steps in a row had a non-finite "
+                                                      "loss or gradient"):
+        train_lib.train(config, str(tmp_path))
+    rows = [r for r in metrics.read_metrics(str(tmp_path)) if "train/loss" in r]
+    assert rows[-1]["train/nonfinite_in_a_row"] == 3 and rows[-1]["step"] < 30

@@ -137,15 +137,18 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       TrainingError: when `config.train.max_nonfinite_steps` steps in a row were not finite.
     """
     started = time.time()
-    train_cfg = config.train
+    # Model and optimizer, from abstract shapes (this also checks the parameter patterns).
+    spec = state_lib.ModelSpec.build(config)
     config = prepare_config(config, workdir)
     mesh = sharding.make_mesh(config.mesh)
-    spec = state_lib.ModelSpec.build(config)
     tx = optim.make_optimizer(config, spec.abstract_params)
+    _write_overview(workdir, spec)
 
+    # Data: this host's training stream and the held-out batches.
     data_iter = pipeline.make_iterator(config)
     eval_batches = evaluate.load_eval_batches(config, mesh)
 
+    # State: the newest checkpoint of the workdir, restored onto this mesh, or a fresh one.
     ckpt = checkpoint_lib.Checkpointer(
         config.checkpoint.get("dir") or os.path.join(workdir, "checkpoints"),
         every_steps=int(config.checkpoint.every_steps),
@@ -161,43 +164,31 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         state, _ = state_lib.init_state(config, mesh, spec, tx)
     start = int(jax.device_get(state.step))
 
-    overview = metrics.parameter_overview(spec.abstract_params)
-    logging.info("trainable parameters:\n%s", overview)
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "parameters.txt"), "w") as f:
-            f.write(overview + "\n")
-    writer = metrics.MetricWriter(workdir, start)
+    # The update and the evaluation (each compiled on its first call).
     train_step = make_train_step(config, spec, tx, shardings, mesh)
     eval_step = evaluate.make_eval_step(config, spec)
-    rules = lambda: nnx.logical_axis_rules(sharding.LOGICAL_RULES)
+    writer = metrics.MetricWriter(workdir, start)
+    in_mesh = lambda: _MeshContext(mesh)
 
     def run_eval(step, params, name="eval"):
         if not eval_batches:
             return None
-        with jax.set_mesh(mesh), rules():
+        with in_mesh():
             scores = evaluate.evaluate(eval_step, params, state.frozen, eval_batches)
         writer.write(step, {f"{name}/{k}": v for k, v in scores.items()})
         logging.info("%s at step %d: %s", name, step, scores)
         return scores
 
-    initial_path = os.path.join(workdir, "eval_step0.json")
-    if start == 0:
-        initial = run_eval(0, state.params)
-        if jax.process_index() == 0 and initial is not None:
-            with open(initial_path, "w") as f:
-                json.dump(initial, f)
-    else:
-        initial = None
-        if os.path.exists(initial_path):
-            with open(initial_path) as f:
-                initial = json.load(f)
+    initial = _initial_scores(workdir, start, lambda: run_eval(0, state.params))
 
+    # The loop: log, evaluate, checkpoint; stop on SIGTERM.
+    train_cfg = config.train
     steps, log_every = int(train_cfg.steps), max(1, int(train_cfg.log_every))
     eval_every = int(train_cfg.get("eval_every", 0))
     max_nonfinite = int(train_cfg.get("max_nonfinite_steps", 0))
     bar, timer = metrics.Progress(steps, start), metrics.StepTimer()
     pending, preempted, saved, logged = [], False, restored_from, start
-    with checkpoint_lib.PreemptionGuard() as guard, jax.set_mesh(mesh), rules():
+    with checkpoint_lib.PreemptionGuard() as guard, in_mesh():
         for step in range(start, steps):
             batch = pipeline.global_batch(next(data_iter), mesh)
             state, step_metrics = train_step(state, batch)
@@ -208,14 +199,16 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
             else:
                 pending.append(step_metrics)
             if done % log_every == 0 or done == steps:
-                fetched = jax.device_get(pending)
-                timer.add(len(fetched), sum(float(r["tokens"]) for r in fetched))
-                rows = fetched or [jax.device_get(step_metrics)]
+                rows = jax.device_get(pending)
+                timer.add(len(rows), sum(float(r["tokens"]) for r in rows))
+                rows = rows or [jax.device_get(step_metrics)]
                 _log(writer, done, rows, data_iter, timer)
                 bar.update(done - logged, loss=float(rows[-1]["loss"]))
                 pending, logged = [], done
                 if max_nonfinite and rows[-1]["nonfinite_in_a_row"] >= max_nonfinite:
+                    bar.close()
                     ckpt.close()
+                    writer.close()
                     raise TrainingError(
                         f"{int(rows[-1]['nonfinite_in_a_row'])} steps in a row had a non-finite "
                         f"loss or gradient (config.train.max_nonfinite_steps={max_nonfinite}); "
@@ -239,14 +232,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         writer.close()
         return {"status": "preempted", "step": last_step}
 
+    # The report: held-out scores before and after, of the parameters and of their EMA.
     final = run_eval(last_step, state.params)
     final_ema = run_eval(last_step, state.ema, "eval_ema") if state.ema is not None else None
     ckpt.close()
     writer.close()
     report = {"status": "done", "steps": last_step, "restored_from": restored_from,
-              "wall_time_s": time.time() - started, **timer.rates(),
-              "train_time_s": timer.seconds, "initial": initial, "final": final,
-              "final_ema": final_ema,
+              "wall_time_s": time.time() - started, "train_time_s": timer.seconds,
+              **timer.rates(), "initial": initial, "final": final, "final_ema": final_ema,
               "nonfinite_steps": int(jax.device_get(state.nonfinite[0])),
               "skipped_records": dict(data_iter.skipped)}
     if jax.process_index() == 0:
@@ -254,6 +247,47 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
             json.dump(report, f, indent=2)
     print(metrics.format_report(report), flush=True)
     return report
+
+
+class _MeshContext:
+    """`jax.set_mesh(mesh)` + the logical axis rules, as one context manager."""
+
+    def __init__(self, mesh):
+        self._contexts = [jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.LOGICAL_RULES)]
+
+    def __enter__(self):
+        for context in self._contexts:
+            context.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        for context in reversed(self._contexts):
+            context.__exit__(*exc)
+
+
+def _write_overview(workdir: str, spec: state_lib.ModelSpec) -> None:
+    """clu's table of the trainable parameters, to the log and WORKDIR/parameters.txt."""
+    overview = metrics.parameter_overview(spec.abstract_params)
+    logging.info("trainable parameters:\n%s", overview)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "parameters.txt"), "w") as f:
+            f.write(overview + "\n")
+
+
+def _initial_scores(workdir: str, start: int, evaluate_now) -> dict | None:
+    """The untrained model's held-out scores: measured at step 0 and kept in
+    WORKDIR/eval_step0.json, so a resumed run still reports them."""
+    path = os.path.join(workdir, "eval_step0.json")
+    if start == 0:
+        scores = evaluate_now()
+        if jax.process_index() == 0 and scores is not None:
+            with open(path, "w") as f:
+                json.dump(scores, f)
+        return scores
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
 
 
 def _log(writer, step, rows, data_iter, timer) -> None:
