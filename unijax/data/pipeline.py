@@ -183,8 +183,9 @@ class FiniteMixture(grain.transforms.DatasetSelectionMap):
         proportions = [int(r * scale) or 1 for r in ratios]
         divisor = math.gcd(*proportions)
         proportions = [p // divisor for p in proportions]
-        # Phases: (first global index, per cycle position its dataset and rank, taken before
-        # the phase per dataset, elements per cycle per dataset).
+        # A phase runs whole cycles until a dataset has fewer elements left than a cycle
+        # takes; its entry: per cycle position (dataset, rank in the cycle), elements taken
+        # before the phase and per cycle, per dataset. `_starts`: each phase's first index.
         self._starts, self._phases = [], []
         remaining, taken, start = [int(n) for n in lengths], [0] * len(lengths), 0
         while any(remaining):
