@@ -60,9 +60,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # "main job"): the held-out CE and flow MSE targets are met by step ~600 at BAGEL's
     # settings, but samples are then blobs, because layout is decided at high noise and a
     # logit-normal t rarely visits it. So: a timestep shift of 3 (BAGEL's sampling shift;
-    # median training time 0.75), 2000 steps, a higher peak lr with a cosine decay, and an EMA
+    # median training time 0.75), 2500 steps, a higher peak lr with a cosine decay, and an EMA
     # of about 200 steps.
-    c.train.steps = 2000
+    c.train.steps = 2500
     c.train.lr = 2e-3
     c.train.warmup_steps = 50
     c.train.schedule = "cosine"

@@ -49,6 +49,14 @@ def test_command_line_overrides():
     assert config.attention.impl == "pallas_gpu"
 
 
+def test_command_line_sets_parameter_patterns():
+    config = _load(["prog", "--config=configs/tiny.py", "--config.train.freeze=('vit/.*',)",
+                    "--config.train.lr_multipliers=(('connector/.*', 10.0),)"])
+    assert config.train.freeze == ("vit/.*",)
+    assert config.train.lr_multipliers == (("connector/.*", 10.0),)
+    config_lib.validate(config)
+
+
 def test_config_arg_selects_variant():
     config = _load(["prog", "--config=configs/bagel_7b_mot.py:runlocal"])
     assert config.model.llm.hidden_size == 64
