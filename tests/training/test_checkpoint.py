@@ -92,15 +92,24 @@ def helpers_read(workdir):
         return [json.loads(line) for line in f if line.strip()]
 
 
+def _committed_steps(workdir) -> list[int]:
+    """Steps whose checkpoint directory has been renamed into place (a complete save)."""
+    directory = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(directory):
+        return []
+    return [int(name) for name in os.listdir(directory) if name.isdigit()]
+
+
 def _wait_for_step(process, workdir, step, timeout=600) -> None:
-    """Polls metrics.jsonl until `step` is logged; kills the run if it never comes."""
+    """Polls until `step` is logged and some checkpoint is complete; kills the run if that
+    never comes."""
     deadline = time.monotonic() + timeout
     path = os.path.join(workdir, "metrics.jsonl")
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise AssertionError(f"the run ended before step {step}: {process.stderr.read()}")
-        if os.path.exists(path) and any(r.get("step", 0) >= step and "train/loss" in r
-                                        for r in helpers_read(workdir)):
+        if os.path.exists(path) and _committed_steps(workdir) and any(
+                r.get("step", 0) >= step and "train/loss" in r for r in helpers_read(workdir)):
             return
         time.sleep(0.05)
     process.kill()
@@ -126,9 +135,10 @@ def test_kill_9_at_a_random_step_then_resume_is_exact(worlds_dir, tmp_path, refe
     process.kill()
     process.communicate()
     assert process.returncode == -signal.SIGKILL
+    latest = max(_committed_steps(tmp_path))
     result = _main_job(tmp_path, worlds_dir)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "restored from step" in result.stdout, f"killed at step {kill_at}"
+    assert f"restored from step {latest}" in result.stdout, f"killed at step {kill_at}"
     rows = _train_rows(tmp_path)
     assert sorted(rows) == sorted(reference_run)
     for step, row in reference_run.items():  # losses and batch counts, bit for bit

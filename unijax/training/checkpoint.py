@@ -41,7 +41,8 @@ class Checkpointer:
 
     def __init__(self, directory: str, *, every_steps: int, max_to_keep: int,
                  async_save: bool = True):
-        self.directory = os.path.abspath(directory)
+        # Local paths are made absolute (Orbax needs it); gs://... and other URLs stay as given.
+        self.directory = directory if "://" in directory else os.path.abspath(directory)
         self.every_steps = int(every_steps)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, save_interval_steps=every_steps,
