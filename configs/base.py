@@ -163,6 +163,19 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.checkpoint.max_to_keep = 3
     c.checkpoint.async_save = True
 
+    # --- sampling (unijax/inference, `python -m unijax.sample`) ------------------------------
+    # BAGEL's defaults (inferencer.py / the notebook): 50 points of the time grid (49 Euler
+    # steps), shift 3; guidance scales, interval on the shifted time and renorm per mode.
+    c.sample = ml_collections.ConfigDict()
+    c.sample.steps = 50
+    c.sample.shift = 3.0
+    c.sample.capacity = 0  # KV-cache slots per conversation; 0 = und + gen capacity x 2
+    c.sample.max_new_tokens = 64
+    c.sample.t2i = guidance(text_scale=4.0, image_scale=1.0, interval=(0.4, 1.0),
+                            renorm="global")
+    c.sample.edit = guidance(text_scale=4.0, image_scale=2.0, interval=(0.0, 1.0),
+                             renorm="text_channel")
+
     # --- mesh --------------------------------------------------------------------------------
     # Axis sizes; -1 takes every device the other axes leave. Their product must equal the number
     # of devices.
@@ -171,6 +184,18 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.mesh.fsdp = 1
     c.mesh.tensor = 1
     return c
+
+
+def guidance(*, text_scale: float, image_scale: float, interval: tuple[float, float],
+             renorm: str, renorm_min: float = 0.0) -> ml_collections.ConfigDict:
+    """One mode of classifier-free guidance (`inference/image.py` defines the formulas)."""
+    g = ml_collections.ConfigDict()
+    g.text_scale = text_scale
+    g.image_scale = image_scale
+    g.interval = interval
+    g.renorm = renorm  # global | channel | text_channel
+    g.renorm_min = renorm_min
+    return g
 
 
 def siglip_so400m_vit() -> ml_collections.ConfigDict:

@@ -123,6 +123,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
           f"config.train.ce_weight and mse_weight must be >= 0, got {train.ce_weight} and "
           f"{train.mse_weight}")
     _validate_train(config, check)
+    _validate_sample(config, check)
 
     _validate_mesh(config, num_devices, check, errors)
     if errors:
@@ -130,6 +131,34 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
 
 
 SCHEDULES = ("constant", "cosine", "linear")
+RENORM_MODES = ("global", "channel", "text_channel")
+
+
+def _validate_sample(config, check) -> None:
+    """The sampler's fields (`config.sample`, read by unijax/inference)."""
+    sample = config.get("sample")
+    if sample is None:
+        return
+    check(isinstance(sample.steps, int) and sample.steps >= 2,
+          f"config.sample.steps must be an int >= 2, got {sample.steps!r}")
+    check(sample.shift > 0, f"config.sample.shift must be positive, got {sample.shift}")
+    check(isinstance(sample.capacity, int) and sample.capacity >= 0,
+          f"config.sample.capacity must be an int >= 0, got {sample.capacity!r}")
+    check(isinstance(sample.max_new_tokens, int) and sample.max_new_tokens >= 1,
+          f"config.sample.max_new_tokens must be an int >= 1, got {sample.max_new_tokens!r}")
+    for mode in ("t2i", "edit"):
+        g = sample[mode]
+        name = f"config.sample.{mode}"
+        check(g.text_scale >= 0 and g.image_scale >= 0,
+              f"{name}.text_scale and image_scale must be >= 0, got {g.text_scale} and "
+              f"{g.image_scale}")
+        interval = tuple(g.interval)
+        check(len(interval) == 2 and 0 <= interval[0] <= interval[1] <= 1,
+              f"{name}.interval must be (lo, hi) with 0 <= lo <= hi <= 1, got {interval}")
+        check(g.renorm in RENORM_MODES,
+              f"{name}.renorm must be one of {RENORM_MODES}, got {g.renorm!r}")
+        check(0 <= g.renorm_min <= 1, f"{name}.renorm_min must be in [0, 1], got "
+              f"{g.renorm_min}")
 
 
 def _validate_train(config, check) -> None:

@@ -24,6 +24,10 @@ API (used by `unified.py`):
                                                     # meta: TokenMeta [B, L] -> [B, L, D]
                                                     # (final per-expert norm applied)
   logits = model.logits(hidden[:, :num_und])        # [B, L_und, D] -> [B, L_und, V]
+  hidden, (k, v) = model.extend(x, positions, meta, num_und, past_k, past_v, past_meta)
+                                                    # new tokens against a KV cache
+                                                    # (past_k/v [N, B, C, Hkv, Dh]); k, v
+                                                    # [N, B, L, Hkv, Dh] of the new tokens
   opt = nnx.Optimizer(model, tx, wrt=trainable_filter(cfg))
   groups = param_groups(cfg)                        # labelled path prefixes for param counts
 
@@ -192,6 +196,20 @@ class MoTLayer(nnx.Module):
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, meta: TokenMeta,
                  num_und: int) -> jax.Array:
         """x [B, L, D], cos/sin [B, L, Dh] -> [B, L, D]."""
+        return self.extend(x, cos, sin, meta, num_und)[0]
+
+    def extend(self, x: jax.Array, cos: jax.Array, sin: jax.Array, meta: TokenMeta,
+               num_und: int, past: tuple | None = None):
+        """The layer over new tokens x [B, L, D] that also attend to `past` tokens.
+
+        Args:
+          past: None, or (k [B, C, Hkv, Dh], v, TokenMeta [B, C]) of tokens already in a KV
+            cache (after QK-norm and RoPE); the mask rule decides, from both metadata, which
+            of them each new token sees (empty cache slots have doc_id 0: never visible).
+
+        Returns:
+          ([B, L, D], (k, v) [B, L, Hkv, Dh] of the new tokens, what a cache stores).
+        """
         cfg = self.cfg
         slices = expert_slices(cfg.num_experts, num_und, x.shape[1])
         frozen = {"und": cfg.freeze_und_expert, "gen": False}
@@ -210,10 +228,23 @@ class MoTLayer(nnx.Module):
             ks.append(k)
             vs.append(v)
         cat = lambda parts: parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
-        block_q, block_kv, block_q_bwd, block_kv_bwd = cfg.attention_blocks
+        q, k, v = cat(qs), cat(ks), cat(vs)
         impl = resolve_auto() if cfg.attention_impl == "auto" else cfg.attention_impl
+        if past is None:
+            keys, values, kv_meta = k, v, None
+            block_q, block_kv, block_q_bwd, block_kv_bwd = cfg.attention_blocks
+        else:
+            past_k, past_v, past_meta = past
+            keys = jnp.concatenate([past_k.astype(k.dtype), k], axis=1)
+            values = jnp.concatenate([past_v.astype(v.dtype), v], axis=1)
+            kv_meta = jax.tree.map(lambda a, b: jnp.concatenate([a, b], axis=1), past_meta,
+                                   meta)
+            # A few new tokens against a cache: the Pallas tiles do not fit such a query
+            # block, so cached steps run the xla backend (cudnn keeps its dense mask).
+            impl = "xla" if impl.startswith("pallas") else impl
+            block_q = block_kv = block_q_bwd = block_kv_bwd = 0
         shard = layers.attention_shard(impl, x.shape[0], cfg.num_kv_heads, "kv_heads")
-        out = attention(cat(qs), cat(ks), cat(vs), meta, impl=impl,
+        out = attention(q, keys, values, meta, kv_meta, impl=impl,
                         chunk_size=cfg.attention_chunk_size, block_q=block_q,
                         block_kv=block_kv, block_q_bwd=block_q_bwd, block_kv_bwd=block_kv_bwd,
                         interpret=cfg.attention_interpret, shard=shard)
@@ -221,7 +252,7 @@ class MoTLayer(nnx.Module):
         for (name, a, b), xe in zip(slices, inputs):
             y = getattr(self, name).finish(xe, out[:, a:b])
             outputs.append(jax.lax.stop_gradient(y) if frozen[name] else y)
-        return cat(outputs)
+        return cat(outputs), (k, v)
 
 
 class ExpertNorms(nnx.Module):
@@ -286,9 +317,47 @@ class MoTDecoder(nnx.Module):
             raise ValueError(f"MoTDecoder: x {x.shape}, positions {positions.shape}, meta "
                              f"{meta.doc_id.shape} are not [B, L, {cfg.hidden_size}], [B, L], "
                              "[B, L]")
-        slices = expert_slices(cfg.num_experts, num_und, length)
         cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, cfg.compute_dtype)
         x = self._apply_layers(x.astype(cfg.compute_dtype), cos, sin, meta, num_und)
+        return self._final_norm(x, num_und)
+
+    def extend(self, x: jax.Array, positions: jax.Array, meta: TokenMeta, num_und: int,
+               past_k: jax.Array, past_v: jax.Array, past_meta: TokenMeta):
+        """The decoder over new tokens that also attend to the tokens of a KV cache.
+
+        Args:
+          x, positions, meta, num_und: the new tokens, as for `__call__` (expert-major).
+          past_k, past_v: [N, B, C, Hkv, Dh] keys and values of the cached tokens, per layer
+            (after QK-norm and RoPE).
+          past_meta: TokenMeta [B, C] of the cached tokens (doc_id 0 on empty slots).
+
+        Returns:
+          (hidden [B, L, D] after the final norm, (k, v) [N, B, L, Hkv, Dh] of the new tokens).
+        """
+        cfg = self.config
+        cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, cfg.compute_dtype)
+        x = x.astype(cfg.compute_dtype)
+
+        def layer_fn(layer, x, k_l, v_l):
+            return layer.extend(x, cos, sin, meta, num_und, (k_l, v_l, past_meta))
+
+        if cfg.scan_layers:
+            scan = nnx.scan(layer_fn, in_axes=(0, nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0))
+            x, (k, v) = scan(self.layers, x, past_k, past_v)
+        else:
+            graphdef, state = nnx.split(self.layers)
+            new_k, new_v = [], []
+            for i in range(cfg.num_layers):
+                layer = nnx.merge(graphdef, jax.tree.map(lambda w, i=i: w[i], state))
+                x, (k_i, v_i) = layer_fn(layer, x, past_k[i], past_v[i])
+                new_k.append(k_i)
+                new_v.append(v_i)
+            k, v = jnp.stack(new_k), jnp.stack(new_v)
+        return self._final_norm(x, num_und), (k, v)
+
+    def _final_norm(self, x: jax.Array, num_und: int) -> jax.Array:
+        cfg = self.config
+        slices = expert_slices(cfg.num_experts, num_und, x.shape[1])
         outputs = []
         for name, a, b_ in slices:
             y = getattr(self.final_norm, name)(x[:, a:b_])

@@ -7,6 +7,7 @@ decoder over it, and the two heads (BAGEL's `Bagel` module).
   out.logits    [B, L_und, V]      LM head on the und slice (text CE)
   out.velocity  [B, L_gen, p*p*C]  llm2vae on the gen slice (flow velocity, noise - x0)
   out.hidden    [B, L, D]          decoder output (after the per-expert final norms)
+  out, (k, v) = model.extend(chunk, past_k, past_v, past_meta, ...)   # against a KV cache
   opt = nnx.Optimizer(model, tx, wrt=trainable_filter(config))
 
 Input embeddings, per token of an expert-major PackedBatch row:
@@ -42,7 +43,7 @@ from einops import rearrange
 from flax import nnx, struct
 
 from unijax import config as config_lib
-from unijax.batch import PAD, VAE, VIT, PackedBatch, normalize_pixels
+from unijax.batch import PAD, VAE, VIT, PackedBatch, TokenMeta, normalize_pixels
 from unijax.models import mot, param_count
 from unijax.models.embeddings import TimestepEmbedder, sincos_2d
 from unijax.models.layers import Dense
@@ -199,6 +200,33 @@ class UnifiedModel(nnx.Module):
         Returns:
           UnifiedOutput(logits [B, L_und, V] | None, velocity [B, L_gen, p*p*C], hidden).
         """
+        x = self.embed(batch, latent_tokens, timesteps, rng=rng)
+        hidden = self.llm(x, jnp.asarray(batch.position), batch.token_meta(), batch.num_und)
+        return self._heads(hidden, batch.num_und, logits)
+
+    def extend(self, batch: PackedBatch, past_k: jax.Array, past_v: jax.Array,
+               past_meta: TokenMeta, latent_tokens: jax.Array | None = None,
+               timesteps: jax.Array | None = None, *, logits: bool = True):
+        """One forward over new tokens (`batch`) that also attend to the tokens of a KV cache.
+
+        Args:
+          batch: the new tokens as expert-major rows (metadata continuing the cached context:
+            causal order, RoPE positions and split ids after the cache's).
+          past_k, past_v: [N, B, C, Hkv, Dh] cached keys and values of every layer.
+          past_meta: TokenMeta [B, C] of the cached tokens (doc_id 0 on empty slots).
+          latent_tokens, timesteps: as for `__call__`.
+
+        Returns:
+          (UnifiedOutput of the new tokens, (k, v) [N, B, L, Hkv, Dh] to cache).
+        """
+        x = self.embed(batch, latent_tokens, timesteps)
+        hidden, kv = self.llm.extend(x, jnp.asarray(batch.position), batch.token_meta(),
+                                     batch.num_und, past_k, past_v, past_meta)
+        return self._heads(hidden, batch.num_und, logits), kv
+
+    def embed(self, batch: PackedBatch, latent_tokens: jax.Array | None = None,
+              timesteps: jax.Array | None = None, *, rng: jax.Array | None = None) -> jax.Array:
+        """[B, L, D] decoder inputs of `batch` (arguments as for `__call__`)."""
         num_und = batch.num_und
         if latent_tokens is None and batch.length > num_und:
             latent_tokens = self.latent_tokens(batch, rng)
@@ -207,19 +235,22 @@ class UnifiedModel(nnx.Module):
         parts = [self._embed_und(batch)]
         if batch.length > num_und:
             parts.append(self._embed_gen(batch, latent_tokens, jnp.asarray(timesteps)))
-        x = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
-        hidden = self.llm(x, jnp.asarray(batch.position), batch.token_meta(), num_und)
+        return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
+
+    def _heads(self, hidden: jax.Array, num_und: int, logits: bool) -> UnifiedOutput:
         return UnifiedOutput(
             logits=self.llm.logits(hidden[:, :num_und]) if logits else None,
             velocity=self.llm2vae(hidden[:, num_und:]),
             hidden=hidden)
 
     def _embed_und(self, batch: PackedBatch) -> jax.Array:
-        """[B, num_und, D]: text embeddings, ViT tokens where modality == VIT, zeros on PAD."""
+        """[B, num_und, D]: text embeddings, ViT tokens where modality == VIT, zeros on PAD.
+        A batch with no ViT patch slots (`vit_patches` [B, 0, ...], e.g. a decoding step)
+        skips the ViT."""
         und = slice(0, batch.num_und)
         modality = jnp.asarray(batch.modality)[:, und]
         x = self.llm.embed(jnp.asarray(batch.text_ids)[:, und])
-        if self.vit is not None:
+        if self.vit is not None and batch.vit_patches.shape[1] > 0:
             patches = normalize_pixels(jnp.asarray(batch.vit_patches))
             feats = self.vit(patches, jnp.asarray(batch.vit_patch_rc),
                              jnp.asarray(batch.vit_grid_hw), jnp.asarray(batch.vit_image_id))
