@@ -176,6 +176,17 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.sample.edit = guidance(text_scale=4.0, image_scale=2.0, interval=(0.0, 1.0),
                              renorm="text_channel")
 
+    # --- judges (training/judges.py): the embedded worlds' judges score what the model draws
+    # and answers at step 0 and at the end (report.json), samples go to TensorBoard every
+    # config.train.eval_every steps. Only meaningful for models trained on the worlds.
+    c.judges = ml_collections.ConfigDict()
+    c.judges.enabled = False
+    c.judges.num_per_category = 16  # prompts per GenEval category and questions per type
+    c.judges.num_digits = 100
+    c.judges.batch_size = 64  # rows per sampling call
+    c.judges.steps = 25  # points of the sampling time grid (24 Euler steps)
+    c.judges.tb_samples = 4  # images per sample prompt in TensorBoard
+
     # --- mesh --------------------------------------------------------------------------------
     # Axis sizes; -1 takes every device the other axes leave. Their product must equal the number
     # of devices.

@@ -72,4 +72,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.log_every = 50
     c.train.eval_every = 500
     c.checkpoint.every_steps = 500
+    c.judges.enabled = True
     return c

@@ -22,7 +22,9 @@ def test_tiny_job_trains_reports_and_resumes(tmp_path):
     """The README's command on a few steps: worlds written, training logged, a checkpoint,
     a report; the same command with more steps resumes from the checkpoint."""
     args = ("--config=configs/tiny.py", "--config.train.log_every=2",
-            "--config.checkpoint.every_steps=4", "--config.train.eval_batches=1")
+            "--config.checkpoint.every_steps=4", "--config.train.eval_batches=1",
+            "--config.judges.num_per_category=1", "--config.judges.num_digits=2",
+            "--config.judges.steps=3", "--config.judges.tb_samples=1")
     result = _main(*args, "--config.train.steps=4", tmp_path=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "mesh: {'data': 8, 'fsdp': 1, 'tensor': 1}" in result.stdout
@@ -37,6 +39,16 @@ def test_tiny_job_trains_reports_and_resumes(tmp_path):
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["steps"] == 4 and report["initial"]["ce"] > report["final"]["ce"]
     assert set(report["final"]) >= {"ce", "mse_t0.25", "mse_t0.5", "mse_t0.75", "mse_t0.9"}
+    # The judges scored the untrained and the final model and the prompt-ignoring baseline
+    # on the same items: every GenEval category and question type, both worlds.
+    judged = report["judges"]
+    assert judged["weights"] == "ema" and set(judged) >= {"initial", "final", "chance"}
+    for name in ("initial", "final", "chance"):
+        assert set(judged[name]["generation"]["shapes"]) >= {"single_object", "colors"}
+        assert set(judged[name]["understanding"]["shapes"]) >= {"colour", "count"}
+        assert "accuracy" in judged[name]["generation"]["digits"]
+    assert "gen shapes/colors" in result.stdout
+    assert (tmp_path / "judges_step0.json").exists()
 
     result = _main(*args, "--config.train.steps=6", tmp_path=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -124,6 +124,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
           f"{train.mse_weight}")
     _validate_train(config, check)
     _validate_sample(config, check)
+    _validate_judges(config, check)
 
     _validate_mesh(config, num_devices, check, errors)
     if errors:
@@ -132,6 +133,17 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
 
 SCHEDULES = ("constant", "cosine", "linear")
 RENORM_MODES = ("global", "channel", "text_channel")
+
+
+def _validate_judges(config, check) -> None:
+    judges = config.get("judges")
+    if judges is None:
+        return
+    for name in ("num_per_category", "num_digits", "batch_size", "tb_samples"):
+        check(isinstance(judges[name], int) and judges[name] >= 1,
+              f"config.judges.{name} must be an int >= 1, got {judges[name]!r}")
+    check(isinstance(judges.steps, int) and judges.steps >= 2,
+          f"config.judges.steps must be an int >= 2, got {judges.steps!r}")
 
 
 def _validate_sample(config, check) -> None:

@@ -22,6 +22,7 @@ def get_config(arg: str | None = None):
     c.train.eval_batches = 1
     c.train.eval_every = 0
     c.train.log_every = 1
+    c.judges.enabled = False  # tests that want the judges turn them on
     # Adam's eps: BAGEL's 1e-15 turns the roundoff-level gradients of parameters the loss
     # cannot see (the key biases: softmax is invariant to them) into full-size updates, whose
     # sign then depends on the summation order; comparisons across meshes need a real eps.

@@ -16,6 +16,10 @@ images):
   understanding: shapes: exact-match accuracy per question type + overall;
                  digits: accuracy
 
+A trained model: `model_functions(chat)` (batched, over `inference.chat.Chat`), or
+`python -m unijax.evals.run --workdir=DIR` (its newest checkpoint, EMA weights; results in
+DIR/eval_<step>/eval.json).
+
 Baselines (`baseline(name)`; `python -m unijax.evals.run --baseline=NAME --out=DIR`):
 "oracle" renders each prompt's target and answers from pixels with the judges (the ceiling,
 ~100%); "random" ignores its input (a random target of the prompt's category; a uniform pick
@@ -207,6 +211,32 @@ def evaluate(generate_fn: GenerateFn | None, answer_fn: AnswerFn | None, *,
     return results
 
 
+def model_functions(chat, *, batch_size: int = 64, seed: int = 0, guidance=None,
+                    max_new_tokens: int = 16) -> tuple[Callable, Callable]:
+    """Batched (generate_fn, answer_fn) of a trained model (`inference.chat.Chat`), for
+    `evaluate(..., batched=True)`: images at the config's default size with its t2i guidance
+    (or `guidance`), one seed per batch; greedy answers of at most `max_new_tokens` tokens."""
+
+    def chunks(n):
+        return [(i, min(n, i + batch_size)) for i in range(0, n, batch_size)]
+
+    def generate_fn(prompts):
+        out = []
+        for i, (a, b) in enumerate(chunks(len(prompts))):
+            out += [imgs[0] for imgs in chat.generate(list(prompts[a:b]), seed=seed + i,
+                                                      guidance=guidance)]
+        return out
+
+    def answer_fn(images, questions):
+        out = []
+        for a, b in chunks(len(questions)):
+            out += chat.answer(list(images[a:b]), list(questions[a:b]),
+                               max_new_tokens=max_new_tokens)
+        return out
+
+    return generate_fn, answer_fn
+
+
 def _is_digits_prompt(prompt: str) -> bool:
     return "handwritten" in prompt.lower()
 
@@ -278,19 +308,43 @@ def baseline(name: str, image_size: int = 32, seed: int = 0) -> tuple[GenerateFn
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    """`python -m unijax.evals.run --baseline=oracle --out=DIR`: a baseline's eval report."""
+    """`python -m unijax.evals.run --workdir=DIR` scores a trained checkpoint (its EMA);
+    `--baseline=oracle --out=DIR` a baseline."""
     parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--workdir", help="training workdir whose checkpoint to score")
+    parser.add_argument("--step", type=int, help="checkpoint step (default: the newest)")
+    parser.add_argument("--weights", choices=("ema", "params"), default="ema")
+    parser.add_argument("--steps", type=int, help="sampling time-grid points (default: the "
+                        "config's config.sample.steps)")
+    parser.add_argument("--cfg_text", type=float, help="text guidance scale")
+    parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--baseline", choices=BASELINES, default="oracle")
-    parser.add_argument("--out", required=True, help="directory for eval.json and tb/")
+    parser.add_argument("--out", help="directory for eval.json and tb/ (default: "
+                        "WORKDIR/eval_<step> with --workdir)")
     parser.add_argument("--num_per_category", type=int, default=16)
     parser.add_argument("--num_digits", type=int, default=100)
     parser.add_argument("--image_size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    gen, ans = baseline(args.baseline, args.image_size, args.seed)
-    results = evaluate(gen, ans, out_path=os.path.join(args.out, "eval.json"),
-                       tb_dir=os.path.join(args.out, "tb"), num_per_category=args.num_per_category,
-                       num_digits=args.num_digits, image_size=args.image_size, seed=args.seed)
+    step = 0
+    if args.workdir:
+        from unijax.inference.chat import Chat
+
+        chat = Chat.from_workdir(args.workdir, step=args.step, weights=args.weights)
+        step = chat.info["step"]
+        guidance = chat.guidance("t2i", num_steps=args.steps, text_scale=args.cfg_text)
+        gen, ans = model_functions(chat, batch_size=args.batch_size, seed=args.seed,
+                                   guidance=guidance)
+        out = args.out or os.path.join(args.workdir, f"eval_{step}")
+    else:
+        if not args.out:
+            parser.error("--out is required with --baseline")
+        gen, ans = baseline(args.baseline, args.image_size, args.seed)
+        out = args.out
+    results = evaluate(gen, ans, out_path=os.path.join(out, "eval.json"),
+                       tb_dir=os.path.join(out, "tb"), num_per_category=args.num_per_category,
+                       num_digits=args.num_digits, image_size=args.image_size, seed=args.seed,
+                       batched=bool(args.workdir), step=step)
     print(json.dumps(results, indent=2, sort_keys=True))
     return results
 

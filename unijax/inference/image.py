@@ -78,15 +78,18 @@ class Guidance:
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict, mode: str = "t2i",
                     **overrides) -> Guidance:
-        """`config.sample` (steps, shift) with `config.sample.<mode>` (t2i or edit) scales."""
-        sample = config.sample
-        if mode not in sample:
-            raise ValueError(f"Guidance: config.sample has no mode {mode!r}")
-        m = sample[mode]
-        values = dict(num_steps=int(sample.steps), shift=float(sample.shift),
-                      text_scale=float(m.text_scale), image_scale=float(m.image_scale),
-                      interval=tuple(float(x) for x in m.interval), renorm=str(m.renorm),
-                      renorm_min=float(m.renorm_min))
+        """`config.sample` (steps, shift) with `config.sample.<mode>` (t2i or edit) scales;
+        BAGEL's defaults (`DEFAULTS`) for a config without a `sample` section."""
+        if mode not in DEFAULTS:
+            raise ValueError(f"Guidance: mode must be one of {tuple(DEFAULTS)}, got {mode!r}")
+        values = dataclasses.asdict(DEFAULTS[mode])
+        sample = config.get("sample")
+        if sample is not None:
+            m = sample[mode]
+            values.update(num_steps=int(sample.steps), shift=float(sample.shift),
+                          text_scale=float(m.text_scale), image_scale=float(m.image_scale),
+                          interval=tuple(float(x) for x in m.interval), renorm=str(m.renorm),
+                          renorm_min=float(m.renorm_min))
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
@@ -102,6 +105,14 @@ class Guidance:
         """Whether guidance applies at shifted time t."""
         lo, hi = self.interval
         return (self.uses_text or self.uses_image) and lo < t <= hi
+
+
+# BAGEL's notebook settings per mode (configs/base.py writes the same into `config.sample`).
+DEFAULTS = {
+    "t2i": Guidance(),
+    "edit": Guidance(text_scale=4.0, image_scale=2.0, interval=(0.0, 1.0),
+                     renorm="text_channel"),
+}
 
 
 def timesteps(num_steps: int, shift: float) -> np.ndarray:

@@ -52,6 +52,13 @@ class MetricWriter:
             for name, value in clean.items():
                 self._tb.add_scalar(name, value, int(step))
 
+    def images(self, step: int, name: str, images) -> None:
+        """A row of uint8 [H, W, 3] images as one TensorBoard image (nothing without TB)."""
+        if not _is_writer() or self._tb is None or not len(images):
+            return
+        strip = np.concatenate([np.asarray(im, np.uint8) for im in images], axis=1)
+        self._tb.add_image(name, strip, int(step), dataformats="HWC")
+
     def flush(self) -> None:
         if self._tb is not None:
             self._tb.flush()
@@ -156,8 +163,26 @@ def format_report(report: dict) -> str:
             if report.get("final_ema"):
                 row += f"{report['final_ema'][key]:>10.4f}"
             lines.append(row)
+    judges = report.get("judges")
+    if judges:
+        lines.append(format_judges(judges))
     for key in ("nonfinite_steps", "skipped_records"):
         if report.get(key):
             lines.append(f"  {key}: {report[key]}")
     logging.info("%s", "\n".join(lines))
+    return "\n".join(lines)
+
+
+def format_judges(judges: dict) -> str:
+    """The judges' scores (`training/judges.py`) as a table: one row per category, columns
+    step 0 / final / chance."""
+    columns = [name for name in ("initial", "final", "chance") if judges.get(name)]
+    lines = [f"  {'judged':<30}" + "".join(f"{c:>9}" for c in columns)]
+    first = judges[columns[0]]
+    for part in ("generation", "understanding"):
+        for world, scores in first.get(part, {}).items():
+            for category in scores:
+                row = f"  {part[:3]} {world}/{category}"
+                lines.append(f"{row:<32}" + "".join(
+                    f"{judges[c][part][world][category]:>9.3f}" for c in columns))
     return "\n".join(lines)

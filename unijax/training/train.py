@@ -15,7 +15,9 @@
 6. Loop: log every `log_every` steps (console bar, metrics.jsonl, TensorBoard), evaluate every
    `eval_every`, save every `checkpoint.every_steps` (async), and on SIGTERM save and stop.
 7. Report: held-out CE and flow MSE of the untrained model and of the final one (and its EMA),
-   steps, wall time, tokens/s; on the console and in WORKDIR/report.json.
+   steps, wall time, tokens/s, and with `config.judges.enabled` the judges' per-category
+   scores of what the untrained and the final model (its EMA) draw and answer, next to the
+   prompt-ignoring baseline (`judges.py`); on the console and in WORKDIR/report.json.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from unijax.data import pipeline
 from unijax.data.worlds import shards as worlds
 from unijax.training import checkpoint as checkpoint_lib
 from unijax.training import evaluate, losses, metrics, optim, sharding
+from unijax.training import judges as judges_lib
 from unijax.training import state as state_lib
 
 
@@ -180,6 +183,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         return scores
 
     initial = _initial_scores(workdir, start, lambda: run_eval(0, state.params))
+    judges = judges_lib.Judges(config, spec, mesh, writer)
+    initial_judged = _initial_scores(
+        workdir, start, lambda: judges.score(0, state.params, state.frozen),
+        "judges_step0.json") if judges.enabled else None
 
     # The loop: log, evaluate, checkpoint; stop on SIGTERM.
     train_cfg = config.train
@@ -215,6 +222,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                         f"stopped at step {done}, the state is that of the last finite step")
             if eval_every and done % eval_every == 0 and done != steps:
                 run_eval(done, state.params)
+                if judges.enabled:
+                    judges.samples(done, state.ema or state.params, state.frozen)
             if ckpt.save(done, state, data_iter, config):
                 saved = done
             if guard.reached():
@@ -235,12 +244,18 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # The report: held-out scores before and after, of the parameters and of their EMA.
     final = run_eval(last_step, state.params)
     final_ema = run_eval(last_step, state.ema, "eval_ema") if state.ema is not None else None
+    judged = None
+    if judges.enabled:
+        judges.samples(last_step, state.ema or state.params, state.frozen)
+        judged = {"weights": "ema" if state.ema is not None else "params",
+                  "initial": initial_judged, "chance": judges.chance(),
+                  "final": judges.score(last_step, state.ema or state.params, state.frozen)}
     ckpt.close()
     writer.close()
     report = {"status": "done", "steps": last_step, "restored_from": restored_from,
               "wall_time_s": time.time() - started, "train_time_s": timer.seconds,
               **timer.rates(), "initial": initial, "final": final, "final_ema": final_ema,
-              "nonfinite_steps": int(jax.device_get(state.nonfinite[0])),
+              "judges": judged, "nonfinite_steps": int(jax.device_get(state.nonfinite[0])),
               "skipped_records": dict(data_iter.skipped)}
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "report.json"), "w") as f:
@@ -274,10 +289,11 @@ def _write_overview(workdir: str, spec: state_lib.ModelSpec) -> None:
             f.write(overview + "\n")
 
 
-def _initial_scores(workdir: str, start: int, evaluate_now) -> dict | None:
-    """The untrained model's held-out scores: measured at step 0 and kept in
-    WORKDIR/eval_step0.json, so a resumed run still reports them."""
-    path = os.path.join(workdir, "eval_step0.json")
+def _initial_scores(workdir: str, start: int, evaluate_now,
+                    name: str = "eval_step0.json") -> dict | None:
+    """The untrained model's scores: measured at step 0 and kept in WORKDIR/<name>, so a
+    resumed run still reports them."""
+    path = os.path.join(workdir, name)
     if start == 0:
         scores = evaluate_now()
         if jax.process_index() == 0 and scores is not None:
