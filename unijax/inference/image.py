@@ -21,7 +21,9 @@ context, the text-unconditional one and the image-unconditional one:
 where |.| is the norm over every token and channel of a row's image for `global` and over the
 channels of each token for `channel` and `text_channel`. Guidance applies only while the
 shifted time lies in `(interval[0], interval[1]]`; outside it, v = v_c and only the conditional
-pass runs. The guidance contexts (`chat.py` builds them): text-unconditional, the context
+pass runs. (One deliberate difference: BAGEL skips the whole combination when s_text <= 1, so
+image guidance alone never applies there; here s_text = 1 with s_img > 1 applies the image
+guidance and the renorm, with v_t' = v_c.) The guidance contexts (`chat.py` builds them): text-unconditional, the context
 before the last text (empty for plain text-to-image); image-unconditional, every text but no
 image. Each is prefilled once; a denoising step runs only the image's tokens (its markers and
 latents, noisy, at the row's next position) against the cached contexts, the conditional and
