@@ -48,7 +48,8 @@ _SIZE = flags.DEFINE_list("size", None, "Generated image H,W in pixels (default:
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _MESH = flags.DEFINE_list("mesh", None, "data,fsdp,tensor sizes to shard the weights over the "
                           "local devices (default: one device).")
-_MAX_TOKENS = flags.DEFINE_integer("max_new_tokens", None, "Longest answer, in tokens.")
+_MAX_TOKENS = flags.DEFINE_integer("max_new_tokens", None,
+                                   "Longest answer (or --think plan), in tokens.")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "Answer sampling temperature (0: greedy).")
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling of answers.")
 _TOP_K = flags.DEFINE_integer("top_k", 0, "Top-k sampling of answers (0: off).")
@@ -109,6 +110,7 @@ def run(argv=None) -> dict:
     for prompt in _PROMPT.value:
         conv_images = chat.generate([prompt], num_images=_NUM_IMAGES.value, seed=_SEED.value,
                                     size=size, think=_THINK.value,
+                                    max_think_tokens=_MAX_TOKENS.value,
                                     guidance=chat.guidance("t2i", **overrides), progress=True)
         if _THINK.value:
             print(f"thought: {chat.thoughts[0]}", flush=True)

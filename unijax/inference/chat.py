@@ -153,6 +153,7 @@ class Chat:
                  progress: bool = False) -> list[list[np.ndarray]]:
         """Text-to-image: `num_images` uint8 images per prompt (think: decode a plan first,
         kept in `self.thoughts`)."""
+        grid = self.grid_for(size)  # a bad size fails before anything is prefilled
         conv = self.conversation(len(prompts))
         if think:
             conv.add_text([THINK_PROMPT] * len(prompts))
@@ -161,7 +162,7 @@ class Chat:
         if think:
             conv.thoughts = self.thoughts = conv.generate_text(max_new_tokens=max_think_tokens)
         conv = conv.repeat(num_images)
-        out = conv.generate_image(self.grid_for(size), guidance=guidance or self.guidance("t2i"),
+        out = conv.generate_image(grid, guidance=guidance or self.guidance("t2i"),
                                   seed=seed, progress=progress)
         return [list(out[i * num_images:(i + 1) * num_images]) for i in range(len(prompts))]
 
@@ -191,8 +192,6 @@ class Chat:
         if len(prompts) != len(frames):
             raise ValueError(f"next_frame: {len(frames)} clips for {len(prompts)} prompts")
         rule = self.settings.video
-        conv = self.conversation(len(prompts))
-        conv.add_text(prompts)
         rows, wanted = [], []
         for i, clip in enumerate(frames):
             caps = captions[i] if captions is not None else None
@@ -209,6 +208,8 @@ class Chat:
         grids = {it.grid for row in rows for it in row if isinstance(it, ImageItem)}
         if len(grids) != 1:
             raise ValueError(f"next_frame: frames must share one latent grid, got {sorted(grids)}")
+        conv = self.conversation(len(prompts))  # after the checks: nothing prefilled in vain
+        conv.add_text(prompts)
         conv.add_items(rows, text_guidance=False)
         if any(wanted):
             conv.add_text(wanted)
