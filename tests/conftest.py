@@ -53,3 +53,12 @@ def rng():
     import numpy as np
 
     return np.random.default_rng(0)
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """(workdir, config) of the small model trained a few steps (tests/inference/trained.py),
+    shared by the inference, sampling and eval tests."""
+    from tests.inference import trained as trained_lib
+
+    return trained_lib.train(tmp_path_factory)

@@ -9,28 +9,14 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx, traverse_util
 
+from tests.inference import trained as trained_lib
 from tests.training import helpers
 from unijax import config as config_lib
 from unijax.inference import load
 from unijax.training import checkpoint, optim, sharding
 from unijax.training import state as state_lib
-from unijax.training import train as train_lib
 
-STEPS = 3
-
-
-@pytest.fixture(scope="session")
-def trained(tmp_path_factory):
-    """(workdir, config): the small config trained STEPS steps by the real trainer on the 8
-    devices, a checkpoint every step, the ViT frozen (so `frozen` holds weights too)."""
-    worlds = helpers.write_small_worlds(str(tmp_path_factory.mktemp("worlds")))
-    config = helpers.small_config(worlds, **{
-        "train.steps": STEPS, "checkpoint.every_steps": 1, "checkpoint.max_to_keep": STEPS,
-        "train.freeze": ("vit/.*",), "train.warmup_steps": 0})
-    config.data.eval_datasets = ml_collections.ConfigDict()  # no evaluation: faster
-    workdir = str(tmp_path_factory.mktemp("workdir"))
-    assert train_lib.train(config, workdir)["status"] == "done"
-    return workdir, config
+STEPS = trained_lib.STEPS  # the `trained` fixture (tests/conftest.py)
 
 
 @pytest.fixture(scope="session")
