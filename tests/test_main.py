@@ -24,7 +24,8 @@ def test_tiny_job_trains_reports_and_resumes(tmp_path):
     args = ("--config=configs/tiny.py", "--config.train.log_every=2",
             "--config.checkpoint.every_steps=4", "--config.train.eval_batches=1",
             "--config.judges.num_per_category=1", "--config.judges.num_digits=2",
-            "--config.judges.steps=3", "--config.judges.tb_samples=1")
+            "--config.judges.steps=3", "--config.judges.tb_samples=1",
+            "--config.data.worlds.shapes_train=400")
     result = _main(*args, "--config.train.steps=4", tmp_path=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "mesh: {'data': 8, 'fsdp': 1, 'tensor': 1}" in result.stdout

@@ -126,3 +126,39 @@ def test_snapshots_stay_valid_after_appending(setup):
     text_lib.generate(engine, longer, max_new_tokens=3)
     np.testing.assert_array_equal(np.asarray(base.cache.k), k_before)
     assert longer.length > base.length
+
+
+def test_sharded_cache_equals_one_device(setup):
+    """On a data 2 x tensor 2 mesh the cache holds rows over `data` and KV heads over `tensor`
+    (as training shards them), the weights stay sharded, and the logits equal one device's."""
+    import ml_collections
+    from flax import nnx
+
+    from unijax.training import sharding
+
+    cfg, model, engine = setup
+    mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": 2, "fsdp": 1, "tensor": 2}),
+                              devices=jax.devices()[:4])
+    graphdef, state = nnx.split(model)
+    specs = nnx.get_partition_spec(state)  # logical names
+    placed = jax.tree.map(
+        lambda x, s: jax.device_put(x, jax.sharding.NamedSharding(
+            mesh, sharding.logical_to_mesh_spec(s, sharding.LOGICAL_RULES)))
+        if isinstance(s, jax.sharding.PartitionSpec) else x, state, specs,
+        is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+    sharded_model = nnx.merge(graphdef, placed)
+    sharded = helpers.engine(cfg, sharded_model, mesh=mesh, rules=sharding.LOGICAL_RULES)
+    contexts = [[helpers.vit_image(seed=8), helpers.text("what shape?")],
+                [helpers.text("count the squares")]]
+    answers = [helpers.TOKENIZER.encode("circle"), helpers.TOKENIZER.encode("two")]
+    results = []
+    for eng in (engine, sharded):
+        ctx = Context.empty(eng, 2, 192).append(eng, contexts)
+        results.append((ctx, _incremental_logits(eng, ctx, answers)[1]))
+    (_, want), (ctx, got) = results
+    np.testing.assert_allclose(got, want, atol=ATOL, rtol=1e-4)
+    spec = lambda x: tuple(x.sharding.spec) + (None,) * (x.ndim - len(x.sharding.spec))
+    assert spec(ctx.cache.k) == (None, "data", None, "tensor", None)
+    assert spec(ctx.cache.meta.doc_id) == ("data", None)
+    kernel = sharded.state["llm"]["layers"]["und"]["mlp"]["up_proj"]["kernel"].value
+    assert "tensor" in str(kernel.sharding.spec)

@@ -323,7 +323,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
                         "WORKDIR/eval_<step> with --workdir)")
     parser.add_argument("--num_per_category", type=int, default=16)
     parser.add_argument("--num_digits", type=int, default=100)
-    parser.add_argument("--image_size", type=int, default=32)
+    parser.add_argument("--image_size", type=int, default=32,
+                        help="image side of the baselines (with --workdir: the model's)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     step = 0
@@ -332,6 +333,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
         chat = Chat.from_workdir(args.workdir, step=args.step, weights=args.weights)
         step = chat.info["step"]
+        args.image_size = int(chat.config.data.vae_image_size)  # the model's image side
         guidance = chat.guidance("t2i", num_steps=args.steps, text_scale=args.cfg_text)
         gen, ans = model_functions(chat, batch_size=args.batch_size, seed=args.seed,
                                    guidance=guidance)

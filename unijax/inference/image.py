@@ -23,11 +23,13 @@ channels of each token for `channel` and `text_channel`. Guidance applies only w
 shifted time lies in `(interval[0], interval[1]]`; outside it, v = v_c and only the conditional
 pass runs. (One deliberate difference: BAGEL skips the whole combination when s_text <= 1, so
 image guidance alone never applies there; here s_text = 1 with s_img > 1 applies the image
-guidance and the renorm, with v_t' = v_c.) The guidance contexts (`chat.py` builds them): text-unconditional, the context
-before the last text (empty for plain text-to-image); image-unconditional, every text but no
-image. Each is prefilled once; a denoising step runs only the image's tokens (its markers and
-latents, noisy, at the row's next position) against the cached contexts, the conditional and
-unconditional rows stacked into one batched call, and writes nothing into the caches.
+guidance and the renorm, with v_t' = v_c.)
+
+The guidance contexts (`chat.py` builds them): text-unconditional, the context before the last
+text (empty for plain text-to-image); image-unconditional, every text but no image. Each is
+prefilled once; a denoising step runs only the image's tokens (its markers and latents, noisy,
+at the row's next position) against the cached contexts, the conditional and unconditional
+rows stacked into one batched call, and writes nothing into the caches.
 """
 
 from __future__ import annotations
@@ -191,7 +193,9 @@ def sample(engine: Engine, cond: Context, grid: tuple[int, int], *,
         key = jax.random.key(seed)
         noise = jax.vmap(lambda r: jax.random.normal(jax.random.fold_in(key, r),
                                                      (h * w, engine.token_dim)))(jnp.arange(b))
-    x = jnp.asarray(noise, jnp.float32)
+    # Placed like the cache rows, so the first step compiles for the same input placement as
+    # the later ones (a host array would compile the step twice).
+    x = jax.device_put(jnp.asarray(noise, jnp.float32), _rows_sharding(cond))
     plain = _denoise_step(engine, b, None)
     guided = _denoise_step(engine, b, guidance) if len(contexts) > 1 else None
     ts = timesteps(guidance.num_steps, guidance.shift)
@@ -209,6 +213,11 @@ def sample(engine: Engine, cond: Context, grid: tuple[int, int], *,
                 x = plain(engine.state, cond.cache, cond_chunk, x, jnp.float32(t),
                           jnp.float32(dt))
     return x
+
+
+def _rows_sharding(ctx: Context):
+    """The sharding of [B, ...] arrays whose rows follow the cache's (its metadata's)."""
+    return ctx.cache.meta.doc_id.sharding
 
 
 def _denoise_step(engine: Engine, batch_size: int, guidance: Guidance | None):
