@@ -230,6 +230,15 @@ class Engine:
         self._extend = jax.jit(self._extend_fn, static_argnames=("logits",))
         self._functions = {}
 
+    def set_weights(self, model) -> None:
+        """Serves `model`'s weights from now on (same architecture: the compiled functions are
+        kept, e.g. to sample from a training run's weights at several steps)."""
+        graphdef, state = nnx.split(model)
+        if graphdef != self.graphdef:
+            raise ValueError("Engine.set_weights: the model's structure differs from the "
+                             "engine's; make a new Engine")
+        self.state = state
+
     def function(self, key, build):
         """`build()`'s jitted function, built once per key (a decoding loop per settings)."""
         if key not in self._functions:

@@ -33,6 +33,7 @@ class Judges:
         cfg = config.get("judges")
         self.enabled = bool(cfg and cfg.enabled)
         self.config, self.spec, self.mesh, self.writer = config, spec, mesh, writer
+        self._cached = None
         if not self.enabled:
             return
         self.cfg = cfg
@@ -41,8 +42,13 @@ class Judges:
                                               num_digits=int(cfg.num_digits))
 
     def _chat(self, params, frozen) -> Chat:
+        """One Chat for the run: later calls swap its weights, so nothing recompiles."""
         model = self.spec.model(params, frozen)
-        return Chat(model, self.config, mesh=self.mesh, rules=sharding.LOGICAL_RULES)
+        if self._cached is None:
+            self._cached = Chat(model, self.config, mesh=self.mesh, rules=sharding.LOGICAL_RULES)
+        else:
+            self._cached.engine.set_weights(model)
+        return self._cached
 
     def _guidance(self, chat: Chat):
         return chat.guidance("t2i", num_steps=int(self.cfg.steps))
