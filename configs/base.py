@@ -5,6 +5,7 @@ A config file builds on `get_base_config()` and changes what differs. Sections:
     attention   which attention backend and its block sizes
     data        packed-row capacities, batch size, datasets
     train       optimisation and losses
+    init        a fresh run's weights from released parts or another run's checkpoint
     checkpoint  Orbax checkpointing
     mesh        device mesh shape and the logical-axis -> mesh-axis rules
 
@@ -97,8 +98,21 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.data.read_threads = 4  # threads per worker that fetch and decode records
     c.data.prefetch_buffer_size = 16  # records buffered per worker
     c.data.worker_buffer_size = 2  # packed batches buffered per worker
-    # The mixture: name -> data_source(...) (see below); weights are relative sampling rates.
+    # Bad storage (unijax/data/sources.py). A shard that does not open (truncated, no footer,
+    # not an ArrayRecord file) is reported with its path at start-up and left out ("skip", so a
+    # restarted pod does not crash-loop on it; counted as data/skipped_bad_shard) or stops the
+    # job ("fail"). A record in a damaged chunk is skipped and counted as "unreadable".
+    c.data.on_bad_shard = "skip"
+    # Stop with an error when more than this fraction of the records read were skipped (any
+    # reason), checked once skip_fraction_min_records were read; 1.0: never stop.
+    c.data.max_skip_fraction = 0.1
+    c.data.skip_fraction_min_records = 1000
+    # The mixture: name -> data_source(...) or tfds_source(...) (see below); weights are
+    # relative sampling rates.
     c.data.datasets = ml_collections.ConfigDict()
+    # Per-dataset metric buckets: a static bound (>= the number of datasets), so a new mixture
+    # does not recompile the train step.
+    c.data.max_datasets = 16
     # Held-out data for the periodic evaluation (same entries; read once, in order, without
     # condition dropout). Empty: no held-out evaluation.
     c.data.eval_datasets = ml_collections.ConfigDict()
@@ -155,6 +169,20 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.train.eval_timesteps = (0.25, 0.5, 0.75, 0.9)
     c.train.eval_seed = 1234
 
+    # --- initialisation (unijax/training/init.py) --------------------------------------------
+    # Where a fresh run's weights come from instead of the random init: BAGEL's released parts
+    # (Qwen2.5 LLM + SigLIP + FLUX VAE) and/or another unijax run's checkpoint (read first; the
+    # files replace what it set). "" = none; what no source names keeps its fresh init (e.g.
+    # the connectors). Only on a fresh start: a run resuming its own checkpoint ignores this.
+    c.init = ml_collections.ConfigDict()
+    c.init.llm = ""  # HF Qwen2 / Qwen2.5 directory (config.json + safetensors): the und expert
+    c.init.vit = ""  # HF SigLIP directory (SiglipVisionModel or SiglipModel weights)
+    c.init.vae = ""  # FLUX ae.safetensors, or a diffusers AutoencoderKL directory
+    c.init.checkpoint = ""  # a unijax workdir or checkpoint directory
+    c.init.checkpoint_step = -1  # -1: its newest complete checkpoint
+    # ema (BAGEL's finetune_from_ema) | params (resume_model_only); the optimizer starts fresh.
+    c.init.checkpoint_weights = "ema"
+
     # --- checkpointing -----------------------------------------------------------------------
     # Orbax: train state (sharded, each host writes its shards), data iterator, config JSON.
     c.checkpoint = ml_collections.ConfigDict()
@@ -194,6 +222,10 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.mesh.data = -1
     c.mesh.fsdp = 1
     c.mesh.tensor = 1
+    # Multi-slice (TPU slices joined by the data-centre network): the slices split the axis
+    # `slice_axis` (sizes above are global), so only it crosses the DCN; same logical rules.
+    c.mesh.num_slices = 1
+    c.mesh.slice_axis = "data"
     return c
 
 
@@ -240,7 +272,8 @@ def flux_vae() -> ml_collections.ConfigDict:
 
 
 def data_source(paths: str, weight: float = 1.0, **plan_options) -> ml_collections.ConfigDict:
-    """One entry of `config.data.datasets`: ArrayRecord shards, a mixture weight, plan options.
+    """One entry of `config.data.datasets`: ArrayRecord shards, a mixture weight, plan options
+    (`tfds_source` below reads a prepared TFDS dataset instead).
 
     Args:
       paths: a glob or comma-separated globs of `.array_record` shards (unijax.data.records).
@@ -267,4 +300,35 @@ def data_source(paths: str, weight: float = 1.0, **plan_options) -> ml_collectio
         if key not in d:
             raise KeyError(f"data_source: unknown plan option {key!r}; known: {sorted(d)}")
         d[key] = value
+    return d
+
+
+def tfds_source(name: str, split: str = "train", data_dir: str = "", adapter: str = "caption",
+                weight: float = 1.0, *, image_feature: str = "image",
+                text_feature: str = "caption", question_feature: str = "question",
+                answer_feature: str = "answer", **plan_options) -> ml_collections.ConfigDict:
+    """One entry of `config.data.datasets` read from a TFDS dataset prepared in ArrayRecord
+    format (`tfds.data_source` style: no TensorFlow, nothing downloaded).
+
+    Args:
+      name: the TFDS name, e.g. "coco_captions" or "my_set/config:1.0.0".
+      split: a TFDS split, slices included ("train[:90%]").
+      data_dir: where it was prepared ("": TFDS's default, ~/tensorflow_datasets).
+      adapter: how an example becomes a record (unijax/data/tfds_sources.py): "caption"
+        (image + text -> caption), "t2i" (text -> image) or "vqa" (image + question + answer).
+      weight: relative sampling rate in the mixture.
+      image_feature / text_feature / question_feature / answer_feature: the example's
+        feature names the adapter reads.
+      **plan_options: as for `data_source`.
+    """
+    d = data_source("", weight, **plan_options)
+    d.tfds = ml_collections.ConfigDict()
+    d.tfds.name = name
+    d.tfds.split = split
+    d.tfds.data_dir = data_dir
+    d.tfds.adapter = adapter
+    d.tfds.image_feature = image_feature
+    d.tfds.text_feature = text_feature
+    d.tfds.question_feature = question_feature
+    d.tfds.answer_feature = answer_feature
     return d

@@ -6,7 +6,9 @@ problems and raises one `ConfigError` listing them, so a user fixes a config in 
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from collections.abc import Callable
 
 import ml_collections
@@ -125,6 +127,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     _validate_train(config, check)
     _validate_sample(config, check)
     _validate_judges(config, check)
+    _validate_init(config, check)
 
     _validate_mesh(config, num_devices, check, errors)
     if errors:
@@ -133,6 +136,57 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
 
 SCHEDULES = ("constant", "cosine", "linear")
 RENORM_MODES = ("global", "channel", "text_channel")
+
+
+INIT_LLM_TYPES = ("qwen2", "qwen3")  # config.json model_type of a config.init.llm directory
+INIT_VIT_TYPES = ("siglip_vision_model", "siglip")
+INIT_WEIGHTS = ("ema", "params")
+
+
+def _validate_init(config, check) -> None:
+    """`config.init` (training/init.py): the sources exist and are of a known kind (the paths
+    are ConfigDict string fields, "" = none)."""
+    init = config.get("init")
+    if init is None:
+        return
+    from unijax.convert.safetensors_io import safetensors_files  # numpy only, no jax
+
+    def hf_dir(field: str, key: str, known: tuple[str, ...]) -> None:
+        path, name = init[field], f"config.init.{field}={init[field]!r}"
+        if not os.path.isdir(path):
+            return check(False, f"{name}: no such directory")
+        try:
+            safetensors_files(path)
+            with open(os.path.join(path, "config.json")) as f:
+                kind = json.load(f).get(key)
+        except (OSError, ValueError) as e:
+            return check(False, f"{name}: {e}")
+        check(kind in known, f"{name}: config.json {key}={kind!r} is not a known kind {known}")
+
+    if init.get("llm"):
+        hf_dir("llm", "model_type", INIT_LLM_TYPES)
+    if init.get("vit"):
+        check(config.model.vit is not None, f"config.init.vit={init.vit!r} but "
+              "config.model.vit is None (no ViT)")
+        if config.model.vit is not None:
+            hf_dir("vit", "model_type", INIT_VIT_TYPES)
+    if init.get("vae"):
+        check(config.model.vae is not None, f"config.init.vae={init.vae!r} but "
+              "config.model.vae is None (no VAE)")
+        if config.model.vae is not None and os.path.isdir(init.vae):
+            hf_dir("vae", "_class_name", ("AutoencoderKL",))
+        elif config.model.vae is not None:
+            check(os.path.isfile(init.vae) and init.vae.endswith(".safetensors"),
+                  f"config.init.vae={init.vae!r}: neither a FLUX ae.safetensors file nor a "
+                  "diffusers AutoencoderKL directory")
+    if init.get("checkpoint") and "://" not in init.checkpoint:
+        check(os.path.isdir(init.checkpoint), f"config.init.checkpoint={init.checkpoint!r}: no "
+              "such directory (a unijax workdir or its checkpoints directory)")
+    check(init.get("checkpoint_weights", "ema") in INIT_WEIGHTS,
+          f"config.init.checkpoint_weights must be one of {INIT_WEIGHTS}, got "
+          f"{init.get('checkpoint_weights')!r}")
+    check(init.get("checkpoint_step", -1) >= -1, f"config.init.checkpoint_step must be >= -1 "
+          f"(-1: the newest), got {init.get('checkpoint_step')!r}")
 
 
 def _validate_judges(config, check) -> None:
@@ -264,12 +318,17 @@ def _validate_vision(config, check) -> None:
               f"config.data.vit_image_size={data.vit_image_size} gives {side} patches per side, "
               f"more than config.model.vit.max_grid={vit.max_grid} (use position_mode="
               f"'interpolate' or smaller images)")
-        check(data.max_vit_patches >= side * side,
+        # Larger images shrink to fit the row's budgets (`data.images.ResizeRule.max_tokens`),
+        # so the budgets need only hold one image at the short-side minimum.
+        small = min(data.vit_min_image_size, data.vit_image_size)
+        least = (small // vit.patch_size) ** 2
+        check(data.max_vit_patches >= least,
               f"config.data.max_vit_patches={data.max_vit_patches} cannot hold one "
-              f"{data.vit_image_size}px image ({side * side} patches)")
-        check(data.und_capacity >= side * side + 2,
+              f"{small}px image ({least} patches; config.data.vit_min_image_size)")
+        check(data.und_capacity >= least + 2,
               f"config.data.und_capacity={data.und_capacity} cannot hold one "
-              f"{data.vit_image_size}px ViT image ({side * side} tokens + 2 markers)")
+              f"{small}px ViT image ({least} tokens + 2 markers; "
+              f"config.data.vit_min_image_size)")
 
     downsample = vae_downsample(model)
     check(model.llm.hidden_size % 4 == 0,
@@ -300,9 +359,11 @@ def _validate_vision(config, check) -> None:
     check(side <= model.max_latent_size,
           f"config.data.vae_image_size={data.vae_image_size} gives {side} latent tokens per "
           f"side, more than config.model.max_latent_size={model.max_latent_size}")
-    check(data.gen_capacity >= side * side,
+    small = min(data.vae_min_image_size, data.vae_image_size)
+    least = (small // cell) ** 2
+    check(data.gen_capacity >= least,
           f"config.data.gen_capacity={data.gen_capacity} cannot hold one "
-          f"{data.vae_image_size}px VAE image ({side * side} latent tokens)")
+          f"{small}px VAE image ({least} latent tokens; config.data.vae_min_image_size)")
 
 
 def _validate_data(config, check) -> None:
@@ -336,14 +397,22 @@ def _validate_datasets(data, check, group: str = "datasets") -> None:
     pack_buffer = data.get("pack_buffer", 0)
     check(isinstance(pack_buffer, int) and not isinstance(pack_buffer, bool) and pack_buffer >= 0,
           f"config.data.pack_buffer must be an int >= 0, got {pack_buffer!r}")
+    _validate_bad_data(data, check)
+    limit = data.get("max_datasets", 16)  # the train step's static per-dataset metric buckets
+    check(isinstance(limit, int) and len(data[group]) <= limit,
+          f"config.data.{group} has {len(data[group])} datasets, more than "
+          f"config.data.max_datasets={limit!r}")
     for ds_name, ds in data[group].items():
         field = f"config.data.{group}.{ds_name}"
         if not hasattr(ds, "get"):
             check(False, f"{field} must be a ConfigDict (configs.base.data_source), got {ds!r}")
             continue
         paths = ds.get("paths")
-        check(isinstance(paths, str) and paths.strip() != "",
-              f"{field}.paths must be a non-empty glob string, got {paths!r}")
+        if ds.get("tfds"):
+            _validate_tfds(ds, field, check)
+        else:
+            check(isinstance(paths, str) and paths.strip() != "",
+                  f"{field}.paths must be a non-empty glob string, got {paths!r}")
         weight = ds.get("weight", 1.0)
         check(isinstance(weight, int | float) and weight > 0,
               f"{field}.weight must be positive, got {weight!r}")
@@ -364,6 +433,47 @@ def _validate_datasets(data, check, group: str = "datasets") -> None:
               f"{field}.video_frame_size must be >= 0, got {ds.get('video_frame_size')}")
         check(isinstance(ds.get("ce_loss_reweighting", False), bool),
               f"{field}.ce_loss_reweighting must be a bool, got {ds.get('ce_loss_reweighting')!r}")
+
+
+DATA_ON_BAD_SHARD = ("skip", "fail")
+DATA_TFDS_ADAPTERS = ("caption", "t2i", "vqa")
+_TFDS_FEATURES = {"caption": ("image_feature", "text_feature"),
+                  "t2i": ("image_feature", "text_feature"),
+                  "vqa": ("image_feature", "question_feature", "answer_feature")}
+
+
+def _validate_bad_data(data, check) -> None:
+    """`on_bad_shard`, `max_skip_fraction`, `skip_fraction_min_records`."""
+    check(data.get("on_bad_shard", "skip") in DATA_ON_BAD_SHARD,
+          f"config.data.on_bad_shard must be one of {DATA_ON_BAD_SHARD}, got "
+          f"{data.get('on_bad_shard')!r}")
+    fraction = data.get("max_skip_fraction", 1.0)
+    check(isinstance(fraction, int | float) and not isinstance(fraction, bool)
+          and 0.0 <= fraction <= 1.0,
+          f"config.data.max_skip_fraction must be in [0, 1] (1: never stop), got {fraction!r}")
+    minimum = data.get("skip_fraction_min_records", 0)
+    check(isinstance(minimum, int) and not isinstance(minimum, bool) and minimum >= 0,
+          f"config.data.skip_fraction_min_records must be an int >= 0, got {minimum!r}")
+
+
+def _validate_tfds(ds, field: str, check) -> None:
+    """A `configs.base.tfds_source` entry: no `paths`, a name, a split, a known adapter."""
+    tfds = ds.tfds
+    check(not ds.get("paths"), f"{field}: give either paths or tfds, not both (paths="
+          f"{ds.get('paths')!r}, tfds.name={tfds.get('name')!r})")
+    for key in ("name", "split"):
+        value = tfds.get(key)
+        check(isinstance(value, str) and value.strip() != "",
+              f"{field}.tfds.{key} must be a non-empty string, got {value!r}")
+    check(isinstance(tfds.get("data_dir", ""), str),
+          f"{field}.tfds.data_dir must be a string, got {tfds.get('data_dir')!r}")
+    adapter = tfds.get("adapter")
+    check(adapter in DATA_TFDS_ADAPTERS,
+          f"{field}.tfds.adapter must be one of {DATA_TFDS_ADAPTERS}, got {adapter!r}")
+    for key in _TFDS_FEATURES.get(adapter, ()):
+        value = tfds.get(key)
+        check(isinstance(value, str) and value != "",
+              f"{field}.tfds.{key} must name a feature of the dataset, got {value!r}")
 
 
 def _validate_mesh(config, num_devices, check, errors) -> None:

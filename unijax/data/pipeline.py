@@ -1,14 +1,17 @@
 """The Grain input pipeline: ArrayRecord shards -> fixed-shape PackedBatches, per host.
 
-  per dataset:  ArrayRecordDataSource -> this host's shard (ShardByJaxProcess) -> shuffle ->
+  per dataset:  sources.RecordSource (its readable shards) -> this host's shard
+                (ShardByJaxProcess) -> shuffle ->
                 repeat -> decode + plan (tokenize, images, flow times, CFG dropout; seeded per
                 element, so the stream is a function of the seed)
   mixture:      MapDataset.mix by the config weights (finite epochs: `FiniteMixture`, which
                 reads every record of every dataset, where `mix` stops at the first that ends)
   per worker:   read threads -> first-fit assignment of documents to `batch_size` rows, with
                 a look-ahead buffer of `config.data.pack_buffer` documents that fit no open row
-  workers:      mp_prefetch (spawn; every stage here is a picklable top-level class)
-  main process: HostBatchIterator: lays the rows out as a PackedBatch, skip counters, logs
+                (`stream.PackIterDataset`)
+  workers:      mp_prefetch (spawn; every stage is a picklable top-level class)
+  main process: `stream.HostBatchIterator`: lays the rows out as a PackedBatch, skip counters,
+                logs, the skip-fraction stop
 
 Rows travel between processes as plans (uint8 pixels of the actual images), and the fixed-shape
 arrays are only built in the main process: the padded canvases of BAGEL-sized rows (8 VAE
@@ -16,13 +19,26 @@ slots of 1024^2 pixels: 25 MB a row as uint8) would otherwise be copied through 
 Batches keep the pixels uint8 up to the device (`batch.normalize_pixels` runs in the model).
 
 A record that fails (msgpack garbage, unknown schema version, missing field, truncated image,
-corrupt video frame, image over `config.data.max_image_pixels`, document too long for a row)
-becomes a `Skip` that travels with the next batch; the main-process iterator logs it with its
-file and index and counts it per reason (`iterator.skipped`). Good records are never dropped:
-every record is either packed (documents are listed in `iterator.last_documents`) or counted.
-Records skipped after a stream's last document (the end of a finite stream, or of one worker's
-share) travel without a batch: they are counted before the iterator stops, and no all-padding
-batch is yielded for them.
+corrupt video frame, image over `config.data.max_image_pixels`, document too long for a row, a
+damaged chunk of its shard: "unreadable") becomes a `Skip` that travels with the next batch; the
+main-process iterator logs it with its file and index and counts it per reason
+(`iterator.skipped`). Good records are never dropped: every record is either packed (documents
+are listed in `iterator.last_documents`) or counted. Records skipped after a stream's last
+document (the end of a finite stream, or of one worker's share) travel without a batch: they
+are counted before the iterator stops, and no all-padding batch is yielded for them.
+
+Bad storage (`unijax.data.sources`): a shard that does not open is found at start-up and left
+out (`config.data.on_bad_shard="skip"`, the default: a pod that restarts into the same bad
+file would otherwise crash-loop; each one is logged with its path and counted as
+`skipped["bad_shard"]`, in shards) or fatal ("fail"); a dataset without any readable shard is
+an error. When skipped records exceed `config.data.max_skip_fraction` of the records read (once
+`config.data.skip_fraction_min_records` have been read, so one early bad record does not stop
+a run), the iterator raises `DataError` naming the counts and the top reasons: past that point
+the data, not the run, needs fixing.
+
+Sources: `config.data.datasets.<name>` holds either `paths` (unijax ArrayRecord shards,
+`configs.base.data_source`) or `tfds` (a TFDS dataset prepared in ArrayRecord format, mapped
+to records by an adapter: `configs.base.tfds_source`, `unijax.data.tfds_sources`).
 
 Checkpointing: the iterator is a `grain.DatasetIterator`; save and restore it with
 `grain.checkpoint.CheckpointSave(it)` / `CheckpointRestore(fresh_it)` under an Orbax
@@ -35,7 +51,6 @@ batches the saved one would have.
 from __future__ import annotations
 
 import bisect
-import collections
 import dataclasses
 import fractions
 import glob
@@ -48,30 +63,33 @@ import numpy as np
 from absl import logging
 
 from unijax import batch as batch_lib
-from unijax.data import packing, records
+from unijax.data import packing, records, sources, stream
 from unijax.data import plan as plan_lib
 from unijax.data import tokenizer as tokenizer_lib
+
+# Where other modules have always found them.
+RecordSource = sources.RecordSource
+Skip, DataError, SkipPolicy = stream.Skip, stream.DataError, stream.SkipPolicy
+PackIterDataset, HostBatchIterDataset = stream.PackIterDataset, stream.HostBatchIterDataset
+HostBatchIterator, with_index = stream.HostBatchIterator, stream.with_index
 
 
 @dataclasses.dataclass(frozen=True)
 class DatasetSpec:
-    """One mixture component, resolved from `config.data.datasets.<name>`."""
+    """One mixture component, resolved from `config.data.datasets.<name>`.
+
+    `paths` are the files of its readable `shards`; `bad_shards` the (path, why) of those
+    left out at start-up; `adapter` maps a TFDS example's bytes to a record (None: the bytes
+    are unijax msgpack records).
+    """
 
     name: str
     paths: tuple[str, ...]
     weight: float
     options: plan_lib.PlanOptions
-
-
-@dataclasses.dataclass(frozen=True)
-class Skip:
-    """A record that was not packed: why, and where it came from."""
-
-    reason: str
-    dataset: str
-    path: str
-    index: int
-    message: str = ""
+    shards: tuple[sources.Shard, ...] = ()
+    bad_shards: tuple[tuple[str, str], ...] = ()
+    adapter: object | None = None
 
 
 def resolve_paths(pattern: str, field: str = "paths") -> tuple[str, ...]:
@@ -92,8 +110,13 @@ def resolve_paths(pattern: str, field: str = "paths") -> tuple[str, ...]:
 def resolve_datasets(config) -> list[DatasetSpec]:
     """The mixture of `config.data.datasets`, in sorted name order.
 
+    Every shard is opened once here (`sources.check_shards`): bad ones are reported with
+    their path and left out, or fatal, as `config.data.on_bad_shard` says.
+
     Raises:
       ValueError / FileNotFoundError: naming `config.data.datasets.<name>.<field>`.
+      sources.BadShardError: a bad shard under on_bad_shard="fail", or a dataset without any
+        readable shard (naming the dataset).
     """
     entries = config.data.get("datasets")
     if not entries:
@@ -107,38 +130,43 @@ def resolve_datasets(config) -> list[DatasetSpec]:
             options = plan_lib.PlanOptions.from_config(entry)
         except ValueError as e:
             raise ValueError(f"{field}: {e}") from e
-        paths = resolve_paths(entry.paths, f"{field}.paths")
-        out.append(DatasetSpec(name, paths, float(entry.get("weight", 1.0)), options))
+        adapter = None
+        if entry.get("tfds"):
+            from unijax.data import tfds_sources  # imports tensorflow_datasets: only if used
+
+            shards, adapter = tfds_sources.resolve(entry, field)
+        else:
+            shards = resolve_paths(entry.paths, f"{field}.paths")
+        good, bad = sources.check_shards(
+            shards, on_bad_shard=config.data.get("on_bad_shard", "skip"), dataset=field)
+        out.append(DatasetSpec(name, tuple(s.path for s in good),
+                               float(entry.get("weight", 1.0)), options, good, bad, adapter))
     return out
 
 
-class RecordSource:
-    """Random access over the records of several shards: index -> (bytes, path, local index)."""
+def decode(data, path: str, index: int, adapter=None) -> dict:
+    """A `RecordSource` element -> a validated record (`adapter`: `DatasetSpec.adapter`).
 
-    def __init__(self, paths):
-        self._paths = tuple(os.fspath(p) for p in paths)
-        self._source = grain.sources.ArrayRecordDataSource(list(self._paths))
-        counts = [records.num_records(p) for p in self._paths]
-        self._starts = np.cumsum([0, *counts])
-
-    def __len__(self) -> int:
-        return int(self._starts[-1])
-
-    def __getitem__(self, index: int):
-        file = int(np.searchsorted(self._starts, index, side="right")) - 1
-        return self._source[index], self._paths[file], int(index - self._starts[file])
-
-    def __repr__(self) -> str:
-        return f"RecordSource({len(self._paths)} files, {len(self)} records)"
+    Raises:
+      records.RecordError: reason "unreadable" when the shard could not give the record's
+        bytes (`sources.Unreadable`), else as `records.decode_record` or the adapter.
+    """
+    if isinstance(data, sources.Unreadable):
+        raise records.RecordError(data.message, "unreadable")
+    return records.decode_record(data) if adapter is None else adapter(data, path, index)
 
 
 class RecordToPlan:
-    """(bytes, path, index), rng -> SequencePlan, or Skip when the record is unusable."""
+    """(bytes, path, index), rng -> SequencePlan, or Skip when the record is unusable.
+
+    `adapter(bytes, path, index) -> record` decodes other formats (TFDS examples); by default
+    the bytes are a unijax msgpack record.
+    """
 
     def __init__(self, dataset: str, options: plan_lib.PlanOptions,
-                 settings: plan_lib.ImageSettings, tokenizer_spec: str):
+                 settings: plan_lib.ImageSettings, tokenizer_spec: str, adapter=None):
         self.dataset, self.options, self.settings = dataset, options, settings
-        self.tokenizer_spec = tokenizer_spec
+        self.tokenizer_spec, self.adapter = tokenizer_spec, adapter
         self._tokenizer = None
 
     def __getstate__(self):
@@ -148,10 +176,10 @@ class RecordToPlan:
 
     def __call__(self, element, rng: np.random.Generator):
         data, path, index = element
-        if self._tokenizer is None:
+        if self._tokenizer is None:  # loaded once per process, safely under read threads
             self._tokenizer = tokenizer_lib.load_tokenizer(self.tokenizer_spec)
         try:
-            record = records.decode_record(data)
+            record = decode(data, path, index, self.adapter)
             key = plan_lib.DocKey(self.dataset, path, index, record["id"])
             return plan_lib.plan_record(record, self._tokenizer, self.options, self.settings,
                                         rng, key)
@@ -214,156 +242,6 @@ class FiniteMixture(grain.transforms.DatasetSelectionMap):
         return dataset, taken[dataset] + cycle * take[dataset] + rank
 
 
-def with_index(index: int, element):
-    """(stream index, element): lets the packer name a held-back document in its state."""
-    return int(index), element
-
-
-class PackIterDataset(grain.IterDataset):
-    """Assigns a stream of (index, SequencePlan | Skip) to `batch_size` rows.
-
-    `source[index]` must give the stream's element at `index` again (the MapDataset the stream
-    was made from, `with_index` applied): held-back documents are saved as indices and re-read
-    on restore. Yields {"rows": per row its SequencePlans, "skips": Skip tuples,
-    "truncated": int}.
-    """
-
-    def __init__(self, parent: grain.IterDataset, source: grain.MapDataset,
-                 spec: packing.PackSpec, batch_size: int):
-        super().__init__(parent)
-        self._source, self._spec, self._batch_size = source, spec, batch_size
-
-    def __iter__(self) -> _PackIterator:
-        return _PackIterator(self._parent.__iter__(), self._source, self._spec,
-                             self._batch_size)
-
-    def __str__(self) -> str:
-        return (f"PackIterDataset(batch_size={self._batch_size}, "
-                f"pack_buffer={self._spec.pack_buffer})")
-
-
-class _PackIterator(grain.DatasetIterator):
-    """First-fit packing with a look-ahead buffer (`packing.RowPacker`) and exact state.
-
-    Between calls the rows are empty and the buffer holds the documents read but not yet
-    packed; the state is the parent's state plus the stream indices of those documents, which
-    `set_state` reads and fits again (plans are functions of the index), so a restored iterator
-    yields exactly the batches the saved one would have.
-    """
-
-    def __init__(self, parent: grain.DatasetIterator, source: grain.MapDataset,
-                 spec: packing.PackSpec, batch_size: int):
-        super().__init__(parent)
-        self._packer = packing.RowPacker(spec, batch_size)
-        self._source, self._spec = source, spec
-        self._exhausted = False
-
-    def _fit(self, index: int, plan: plan_lib.SequencePlan, skips: list):
-        """The document as a `packing.Pending`, or None (with a Skip) when it cannot be packed."""
-        fitted, status = packing.fit_document(plan, self._spec)
-        if fitted is None:
-            k = plan.key
-            skips.append(Skip(status, k.dataset, k.path, k.index,
-                              f"cost {plan.cost()} exceeds the row {tuple(self._spec.capacity)}"))
-            return None
-        return packing.Pending(fitted, status, index)
-
-    def __next__(self):
-        self._packer.refill()  # documents held back by the previous batch come first
-        skips = []
-        while not self._exhausted:
-            try:
-                index, element = next(self._parent)
-            except StopIteration:
-                self._exhausted = True
-                break
-            if isinstance(element, Skip):
-                skips.append(element)
-                continue
-            doc = self._fit(index, element, skips)
-            if doc is not None and self._packer.offer(doc):
-                break  # a document fit no row with the buffer full: the batch is complete
-        if self._packer.empty and not skips:
-            raise StopIteration
-        rows, truncated = self._packer.take()
-        return {"rows": rows, "truncated": truncated,
-                "skips": [dataclasses.astuple(s) for s in skips]}
-
-    def get_state(self):
-        return {"parent": self._parent.get_state(), "exhausted": self._exhausted,
-                "held": [doc.ref for doc in self._packer.held]}
-
-    def set_state(self, state):
-        self._parent.set_state(state["parent"])
-        self._packer.reset()
-        self._exhausted = bool(state["exhausted"])
-        for index in state.get("held", []):
-            _, plan = self._source[index]
-            skipped = isinstance(plan, Skip)
-            doc = None if skipped else self._fit(index, plan, [])
-            if doc is None:  # only when the data or the config changed since the save
-                raise ValueError(f"restored pack state: the held document at stream index "
-                                 f"{index} no longer packs: {plan if skipped else plan.key}")
-            self._packer.held.append(doc)
-
-
-class HostBatchIterDataset(grain.IterDataset):
-    """Rows of plans -> PackedBatch, with skip counters (runs in the main process)."""
-
-    def __init__(self, parent: grain.IterDataset, spec: packing.PackSpec):
-        super().__init__(parent)
-        self._spec = spec
-
-    def __iter__(self) -> HostBatchIterator:
-        return HostBatchIterator(self._parent.__iter__(), self._spec)
-
-
-class HostBatchIterator(grain.DatasetIterator):
-    """Yields this host's PackedBatches (numpy).
-
-    Attributes:
-      skipped: {reason: count} of records that were not packed, since the start of training
-        (saved and restored with the iterator state).
-      documents: how many documents were packed; truncated: how many of them were truncated.
-      last_documents: per row of the last batch, the (dataset, path, index, record id) of
-        its documents in document-id order.
-    """
-
-    def __init__(self, parent: grain.DatasetIterator, spec: packing.PackSpec):
-        super().__init__(parent)
-        self._spec = spec
-        self.skipped: collections.Counter = collections.Counter()
-        self.documents = 0
-        self.truncated = 0
-        self.last_documents: list[list[tuple]] = []
-
-    def __next__(self) -> batch_lib.PackedBatch:
-        while True:
-            element = next(self._parent)  # its StopIteration ends the stream, skips counted
-            for reason, dataset, path, index, message in element["skips"]:
-                self.skipped[reason] += 1
-                logging.warning("skipped record %s:%d (dataset %s, %s): %s", path, index,
-                                dataset, reason, message)
-            rows = element["rows"]
-            if any(rows):
-                break
-            # Only skipped records (after the last document of a stream or of a worker's
-            # share): counted above, no all-padding batch for them.
-        self.last_documents = packing.document_keys(rows)
-        self.documents += sum(len(row) for row in rows)
-        self.truncated += int(element["truncated"])
-        return packing.to_packed_batch(packing.layout(rows, self._spec), self._spec)
-
-    def get_state(self):
-        return {"parent": self._parent.get_state(), "skipped": dict(self.skipped),
-                "documents": self.documents, "truncated": self.truncated}
-
-    def set_state(self, state):
-        self._parent.set_state(state["parent"])
-        self.skipped = collections.Counter(state["skipped"])
-        self.documents, self.truncated = int(state["documents"]), int(state["truncated"])
-
-
 def host_batch_size(config, shard_count: int) -> int:
     """Rows per host: config.data.batch_size split evenly over the hosts.
 
@@ -398,15 +276,17 @@ def make_dataset(config, *, shard: grain.sharding.ShardOptions | None = None,
     num_epochs = data.num_epochs or None
 
     components, weights = [], []
-    for k, ds_spec in enumerate(resolve_datasets(config)):
+    specs = resolve_datasets(config)
+    for k, ds_spec in enumerate(specs):
         settings = plan_lib.ImageSettings.from_config(config, ds_spec.options)
-        ds = grain.MapDataset.source(RecordSource(ds_spec.paths))
+        ds = grain.MapDataset.source(sources.RecordSource(ds_spec.shards))
         ds = ds[shard.shard_index::shard.shard_count]
         ds = ds.seed(seed * 1009 + k)
         if data.shuffle:
             ds = ds.shuffle()
         ds = ds.repeat(num_epochs)
-        ds = ds.random_map(RecordToPlan(ds_spec.name, ds_spec.options, settings, data.tokenizer))
+        ds = ds.random_map(RecordToPlan(ds_spec.name, ds_spec.options, settings, data.tokenizer,
+                                        ds_spec.adapter))
         components.append(ds)
         weights.append(ds_spec.weight)
     if len(components) == 1:
@@ -423,7 +303,8 @@ def make_dataset(config, *, shard: grain.sharding.ShardOptions | None = None,
     if num_workers > 0:
         packed = packed.mp_prefetch(grain.MultiprocessingOptions(
             num_workers=num_workers, per_worker_buffer_size=data.worker_buffer_size))
-    return HostBatchIterDataset(packed, spec)
+    bad_shards = sum(len(ds_spec.bad_shards) for ds_spec in specs)
+    return HostBatchIterDataset(packed, spec, SkipPolicy.from_config(config, bad_shards))
 
 
 def make_iterator(config, **kwargs) -> HostBatchIterator:

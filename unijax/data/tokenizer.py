@@ -5,6 +5,10 @@ Both expose the same small interface the sequence planner needs: `encode(text) -
 `batch_builder.SpecialTokens`). Both pickle cheaply (a HF tokenizer re-loads from its path), so
 they can travel into Grain worker processes.
 
+A HF tokenizer is loaded once per process and path (`load_tokenizer` caches it) under a lock:
+Grain's read threads ask for it at the same moment, and transformers' lazily imported module
+then races (`module 'transformers' has no attribute 'AutoTokenizer'`).
+
 Byte-level ids: byte b -> b (0..255), then `<|im_start|>`=256, `<|im_end|>`=257,
 `<|vision_start|>`=258, `<|vision_end|>`=259, `<|endoftext|>`=260, `<|pad|>`=261; the
 vocabulary (262) fits the tiny config's 320 embedding rows.
@@ -13,12 +17,17 @@ vocabulary (262) fits the tiny config's 320 embedding rows.
 from __future__ import annotations
 
 import os
+import threading
 from typing import Protocol
 
 from unijax.batch_builder import SpecialTokens
 
 BAGEL_SPECIAL_TOKENS = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>")
 BYTE_SPECIAL_TOKENS = (*BAGEL_SPECIAL_TOKENS, "<|endoftext|>", "<|pad|>")
+
+# Re-entrant: loading runs under it, and `load_tokenizer` holds it around the cache.
+_LOAD_LOCK = threading.RLock()
+_LOADED: dict[str, HFTokenizer] = {}
 
 
 class Tokenizer(Protocol):
@@ -74,6 +83,10 @@ class HFTokenizer:
         self.path = os.fspath(path)
         if not os.path.exists(self.path):
             raise FileNotFoundError(f"tokenizer path {self.path!r} does not exist")
+        with _LOAD_LOCK:  # imports and file reads are not thread-safe (module docstring)
+            self._load()
+
+    def _load(self) -> None:
         if os.path.isdir(self.path):
             import transformers
 
@@ -112,11 +125,20 @@ class HFTokenizer:
         return {"path": self.path}
 
     def __setstate__(self, state):
-        self.__init__(state["path"])
+        # In a worker process: share the process's loaded tokenizer instead of loading again.
+        self.__dict__.update(load_tokenizer(state["path"]).__dict__)
 
 
-def load_tokenizer(spec: str | None) -> ByteTokenizer | HFTokenizer:
-    """`"byte"` / None / "" -> ByteTokenizer; anything else is a local HF tokenizer path."""
+def load_tokenizer(spec: str | os.PathLike | None) -> ByteTokenizer | HFTokenizer:
+    """`"byte"` / None / "" -> ByteTokenizer; anything else is a local HF tokenizer path
+    (a `tokenizer.json` file or a transformers tokenizer folder).
+
+    Thread-safe; a HF tokenizer is loaded once per process and path, then shared.
+    """
     if spec in (None, "", "byte"):
         return ByteTokenizer()
-    return HFTokenizer(spec)
+    key = os.path.abspath(os.fspath(spec))
+    with _LOAD_LOCK:
+        if key not in _LOADED:
+            _LOADED[key] = HFTokenizer(spec)
+        return _LOADED[key]

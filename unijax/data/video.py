@@ -5,6 +5,9 @@ timestamps), so the input pipeline decodes images, not video. These helpers do t
 (`python -m unijax.data.write --format=video`) and write small mp4 clips for tests and
 benchmarks. Decoding uses `thread_type="AUTO"` (frame + slice threads), markedly faster than
 FFmpeg's default slice threading.
+
+PyAV is the optional `video` extra (`pip install -e '.[video]'`): it is imported on first use,
+so the rest of the data layer (and `python -m unijax.data.write` for images) works without it.
 """
 
 from __future__ import annotations
@@ -13,10 +16,21 @@ import io
 import os
 from collections.abc import Sequence
 
-import av
 import numpy as np
 
 from unijax.data.records import RecordError
+
+INSTALL_HINT = "pip install -e '.[video]'"
+
+
+def require_av():
+    """The PyAV module, or an ImportError that names the extra to install."""
+    try:
+        import av
+    except ImportError as e:
+        raise ImportError(f"video decoding and encoding need PyAV, the `video` extra of "
+                          f"unijax: {INSTALL_HINT} ({e})") from e
+    return av
 
 
 def sample_frames(source: str | os.PathLike | bytes, fps: float | None = None,
@@ -39,6 +53,7 @@ def sample_frames(source: str | os.PathLike | bytes, fps: float | None = None,
     """
     if fps is not None and fps <= 0:
         raise ValueError(f"fps must be positive, got {fps}")
+    av = require_av()  # outside the try: a missing extra is not a bad video
     handle = io.BytesIO(source) if isinstance(source, bytes | bytearray) else os.fspath(source)
     frames, stamps = [], []
     try:
@@ -70,6 +85,7 @@ def sample_frames(source: str | os.PathLike | bytes, fps: float | None = None,
 def write_mp4(path: str | os.PathLike, frames: Sequence[np.ndarray], fps: int = 8,
               codec: str = "libx264") -> None:
     """Encodes uint8 RGB frames [H, W, 3] (even H and W for yuv420p) into an mp4 file."""
+    av = require_av()
     frames = [np.asarray(f, dtype=np.uint8) for f in frames]
     h, w = frames[0].shape[:2]
     with av.open(os.fspath(path), mode="w") as container:

@@ -294,6 +294,7 @@ def main(argv) -> None:
     elif f.format == "mmc4":
         recs = mmc4_jsonl(sorted(glob.glob(f.input)), f.image_root, source, counts)
     else:
+        video.require_av()  # the optional extra: say so before reading any input
         recs = video_folder(f.input, f.fps, f.max_frames, f.frame_size, f.jpeg_quality, source,
                             counts)
     n = 0
