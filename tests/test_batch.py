@@ -161,3 +161,62 @@ def test_normalize_pixels_maps_bytes_to_unit_range_for_numpy_and_jax():
     floats = np.array([-1.0, 0.25, 1.0], np.float64)
     passed = batch_lib.normalize_pixels(floats)  # already in [-1, 1]: only cast
     assert passed.dtype == np.float32 and passed.tolist() == [-1.0, 0.25, 1.0]
+
+
+def _with_datasets(batch, per_doc):
+    """The batch with `dataset_id` set per (row, document id); padding -1."""
+    ds = np.full(batch.doc_id.shape, batch_lib.DATASET_PAD, np.int32)
+    for (row, doc), index in per_doc.items():
+        ds[row][batch.doc_id[row] == doc] = index
+    return dataclasses.replace(batch, dataset_id=ds)
+
+
+def test_dataset_index_defaults_to_zero_on_real_tokens():
+    batch = _edit_batch()
+    assert batch.dataset_id is None
+    want = np.where(batch.doc_id > 0, 0, batch_lib.DATASET_PAD)
+    np.testing.assert_array_equal(batch.dataset_index(), want)
+    traced = jax.jit(lambda b: b.dataset_index())(batch)
+    np.testing.assert_array_equal(np.asarray(traced), want)
+    tagged = _with_datasets(batch, {(0, 1): 3})
+    batch_lib.validate(tagged, latent_tokens_per_image=4, max_datasets=4)
+    assert tagged.dataset_index() is tagged.dataset_id
+
+
+@pytest.mark.parametrize("change,message", [
+    (_set((0, 47), 0), r"dataset_id\[0, 47\]: padding must have dataset_id -1"),
+    (_set((0, 3), -1), r"dataset_id\[0, 3\]: negative dataset index on a real token"),
+    (lambda ds: ds.__setitem__(ds >= 0, 4),
+     r"dataset_id\[0, 0\]: dataset index beyond max_datasets=4"),
+    (_set((0, 5), 2), r"dataset_id\[0, \d+\]: document 1 mixes datasets"),
+])
+def test_validate_rejects_bad_dataset_ids(change, message):
+    batch = _with_datasets(_edit_batch(), {(0, 1): 1})
+    assert batch.modality[0, 47] == batch_lib.PAD and batch.modality[0, 3] != batch_lib.PAD
+    with pytest.raises(batch_lib.BatchError, match=message):
+        batch_lib.validate(_corrupt(batch, dataset_id=change), max_datasets=4)
+
+
+def test_validate_rejects_dataset_id_dtype_and_shape():
+    batch = _with_datasets(_edit_batch(), {(0, 1): 0})
+    with pytest.raises(batch_lib.BatchError, match="dataset_id: dtype int64"):
+        batch_lib.validate(dataclasses.replace(batch, dataset_id=batch.dataset_id.astype(np.int64)))
+    with pytest.raises(batch_lib.BatchError, match=r"dataset_id: shape \(1, 47\)"):
+        batch_lib.validate(dataclasses.replace(batch, dataset_id=batch.dataset_id[:, :47]))
+
+
+def test_slice_fill_counts_each_budget():
+    edit = [bb.vae_image(2, 2), bb.vit_image(2, 2), bb.text([7, 8, 9]),
+            bb.vae_image(2, 2, noisy=True, t=0.5)]  # und 15, gen 8, 4 patches, 2 slots
+    small = [bb.text([1, 2]), bb.vae_image(1, 2)]  # und 6, gen 2, 1 slot of area 2
+    batch = bb.build([[edit], [small]], num_und=32, num_gen=16, latent_grid=(2, 2),
+                     vit_patch_size=2, max_vit_patches=8, max_vae_images=2)
+    want = {"fill_und": 21 / 64, "fill_gen": 10 / 32, "fill_vit": 4 / 16,
+            "fill_vae_slots": 3 / 4, "fill_vae_area": 10 / 16}
+    got = batch_lib.slice_fill(batch, (2, 2))
+    assert set(got) == set(batch_lib.FILL_KEYS)
+    assert {k: float(v) for k, v in got.items()} == pytest.approx(want)
+    traced = jax.jit(lambda b: batch_lib.slice_fill(b, (2, 2)))(batch)
+    assert {k: float(v) for k, v in traced.items()} == pytest.approx(want)
+    text_only = bb.build([[[bb.text([1])]]], num_und=8, num_gen=0, max_vit_patches=0)
+    assert float(batch_lib.slice_fill(text_only, (2, 2))["fill_gen"]) == 0.0  # empty budget

@@ -32,6 +32,11 @@ Per-token fields, shape [B, L] with L = num_und + num_gen (padding value in brac
                        (the grid of the largest VAE image); -1 otherwise [-1].
   patch_pos     int32  2D position id `r * max_side + c` of a VIT or VAE token inside its image
                        (max_side: the ViT's `max_grid` / the model's `max_latent_size`) [0].
+  dataset_id    int32  optional (None: every document is dataset 0, e.g. test and inference
+                       batches): the dataset the token's document came from, its index in the
+                       sorted names of `config.data.datasets` (of `eval_datasets` in eval
+                       batches); one value per document, below `config.data.max_datasets`
+                       (a static bound, so a new mixture does not recompile) [-1].
 
 Image payloads:
   vit_patches   u8|f32 [B, P, p*p*3]  ViT patches, each flattened in (row-in-patch,
@@ -69,6 +74,7 @@ MODALITY_NAMES = {PAD: "pad", TEXT: "text", VIT: "vit", VAE: "vae"}
 TOKEN_FIELDS = ("modality", "doc_id", "order", "split_id", "noisy", "position", "text_ids",
                 "text_targets", "text_weight", "flow_weight", "payload_index", "patch_pos")
 TOKEN_PAD_VALUES = {"split_id": -1, "payload_index": -1}
+DATASET_PAD = -1  # `dataset_id` of padding tokens
 
 
 @struct.dataclass
@@ -94,6 +100,8 @@ class PackedBatch:
     vae_images: np.ndarray
     vae_grid_hw: np.ndarray
     vae_timestep: np.ndarray
+    # Optional so that every batch built without a mixture (tests, inference) stays valid.
+    dataset_id: np.ndarray | None = None
     num_und: int = struct.field(pytree_node=False, default=0)
 
     @property
@@ -107,6 +115,13 @@ class PackedBatch:
     @property
     def num_gen(self) -> int:
         return self.length - self.num_und
+
+    def dataset_index(self) -> Any:
+        """[B, L] int32 dataset of each token: `dataset_id`, or without one 0 on every real
+        token; DATASET_PAD (-1) on padding. Numpy or jax, like the batch (traceable)."""
+        if self.dataset_id is not None:
+            return self.dataset_id
+        return (self.doc_id > 0).astype(np.int32) + DATASET_PAD
 
     def token_meta(self) -> TokenMeta:
         """The metadata the attention mask is computed from."""
@@ -154,16 +169,46 @@ def normalize_pixels(x: Any) -> Any:
     return x.astype(np.float32)
 
 
+FILL_KEYS = ("fill_und", "fill_gen", "fill_vit", "fill_vae_slots", "fill_vae_area")
+
+
+def slice_fill(batch: PackedBatch, latent_grid: tuple[int, int]) -> dict[str, Any]:
+    """How full a batch's per-row budgets are: fractions in [0, 1] over all of its rows.
+
+    Args:
+      batch: numpy or jax (traceable: only array methods are used).
+      latent_grid: (gh, gw) latent tokens of the VAE canvas (`packing.PackSpec.latent_grid`).
+
+    Returns:
+      {"fill_und", "fill_gen": real tokens (doc_id > 0) over the und / gen slice capacity,
+       "fill_vit": ViT patch slots with vit_image_id > 0 over all patch slots,
+       "fill_vae_slots": VAE image slots with a non-empty vae_grid_hw over all slots,
+       "fill_vae_area": the VAE images' latent area (= pixel area / cell^2) over the canvas
+       area of all slots, N * gh * gw per row}; a budget of size 0 reads 0.
+    """
+    frac = lambda count, size: count / max(int(size), 1)
+    live = batch.doc_id > 0
+    und, gen = live[:, :batch.num_und], live[:, batch.num_und:]
+    area = batch.vae_grid_hw[..., 0] * batch.vae_grid_hw[..., 1]
+    gh, gw = latent_grid
+    return {"fill_und": frac(und.sum(), und.size), "fill_gen": frac(gen.sum(), gen.size),
+            "fill_vit": frac((batch.vit_image_id > 0).sum(), batch.vit_image_id.size),
+            "fill_vae_slots": frac((area > 0).sum(), area.size),
+            "fill_vae_area": frac(area.sum(), area.size * gh * gw)}
+
+
 class BatchError(ValueError):
     """Inconsistent PackedBatch metadata; the message names the field, row and token."""
 
 
-def validate(batch: PackedBatch, latent_tokens_per_image: int | None = None) -> None:
+def validate(batch: PackedBatch, latent_tokens_per_image: int | None = None,
+             max_datasets: int | None = None) -> None:
     """Checks shapes, dtypes and metadata consistency of a (host, numpy) PackedBatch.
 
     Args:
       batch: the batch to check.
       latent_tokens_per_image: gh * gw of the latent grid, to range-check VAE payload indices.
+      max_datasets: `config.data.max_datasets`, to range-check `dataset_id`.
 
     Raises:
       BatchError: naming the field, the row and the token that break the contract.
@@ -217,6 +262,8 @@ def validate(batch: PackedBatch, latent_tokens_per_image: int | None = None) -> 
         ("split_id", ((mod == VIT) | (mod == VAE)) & (b["split_id"] < 0),
          "image token outside a bidirectional span"),
     ]
+    if batch.dataset_id is not None:
+        checks += _dataset_checks(batch, mod, max_datasets)
     if latent_tokens_per_image is not None:
         checks.append(("payload_index",
                        (mod == VAE) & (b["payload_index"] >= n * latent_tokens_per_image),
@@ -225,8 +272,26 @@ def validate(batch: PackedBatch, latent_tokens_per_image: int | None = None) -> 
         if bad.any():
             fail(field, *first_bad(bad), why)
 
+    if batch.dataset_id is not None:
+        b["dataset_id"] = np.asarray(batch.dataset_id)
     for row in range(bsz):
         _validate_row(b, row, fail)
+
+
+def _dataset_checks(batch: PackedBatch, mod: np.ndarray, max_datasets: int | None) -> list:
+    """(field, bad mask, why) of `dataset_id`; its dtype and shape are checked at once."""
+    ds = np.asarray(batch.dataset_id)
+    if ds.dtype != np.int32:
+        raise BatchError(f"dataset_id: dtype {ds.dtype}, expected int32")
+    if ds.shape != mod.shape:
+        raise BatchError(f"dataset_id: shape {ds.shape}, expected {mod.shape}")
+    checks = [("dataset_id", (mod == PAD) & (ds != DATASET_PAD),
+               f"padding must have dataset_id {DATASET_PAD}"),
+              ("dataset_id", (mod != PAD) & (ds < 0), "negative dataset index on a real token")]
+    if max_datasets is not None:
+        checks.append(("dataset_id", ds >= max_datasets,
+                       f"dataset index beyond max_datasets={max_datasets}"))
+    return checks
 
 
 def _validate_row(b, row, fail) -> None:
@@ -243,6 +308,8 @@ def _validate_row(b, row, fail) -> None:
         fail("doc_id", row, ranked[0], "documents must be contiguous in causal order")
     for d in np.unique(doc):
         in_doc = ranked[doc == d]
+        if "dataset_id" in b and len(np.unique(b["dataset_id"][row][in_doc])) != 1:
+            fail("dataset_id", row, in_doc[0], f"document {d} mixes datasets")
         pos = b["position"][row][in_doc]
         if np.any(np.diff(pos) < 0):
             k = in_doc[1:][np.diff(pos) < 0][0]

@@ -51,7 +51,9 @@ def test_layout_matches_batch_builder():
     assert got["vit_patches"].dtype == got["vae_images"].dtype == np.uint8
     batch_lib.validate(packing.to_packed_batch(got, SPEC), latent_tokens_per_image=16)
     for name in got:
-        value, expected = got[name], getattr(want, name)
+        # The builder's batches carry no dataset_id: every document counts as dataset 0.
+        value = got[name]
+        expected = want.dataset_index() if name == "dataset_id" else getattr(want, name)
         if name in batch_lib.PIXEL_FIELDS:
             # The model's view: normalised pixels inside each image, padding (uint8 0) ignored.
             live = _live_pixels(name, got, SPEC)
@@ -267,3 +269,41 @@ def test_truncated_length_weighted_text_weighs_each_target_by_its_count():
     targets = 64 - 1  # <|im_start|> and 62 ids predict; the cut last id predicts nothing
     np.testing.assert_allclose(np.sort(weights)[1:], 1 / np.sqrt(targets), rtol=1e-6)
     assert np.count_nonzero(weights) == targets
+
+
+def test_documents_carry_the_index_of_their_dataset_name():
+    """dataset_id is the position of DocKey.dataset among the sorted names, on every token of
+    the document (images and markers too); padding is -1; "" (no dataset) is 0."""
+    spec = dataclasses.replace(SPEC, datasets=("alpha", "beta", "gamma"))
+    rng = np.random.default_rng(0)
+    image = ImageItem("vae", _pixels(rng, 2, 2, 2), (2, 2), noisy=True, t=0.5, step=0)
+    docs = [SequencePlan([TextItem(np.arange(3, dtype=np.int32), True)], DocKey(name, "p", i))
+            for i, name in enumerate(["gamma", "alpha", ""])]
+    docs.append(SequencePlan([image, TextItem(np.arange(2, dtype=np.int32), True)],
+                             DocKey("beta", "p", 3)))
+    out = packing.layout([docs[:2], docs[2:]], spec)
+    batch = packing.to_packed_batch(out, spec)
+    batch_lib.validate(batch, latent_tokens_per_image=16, max_datasets=spec.max_datasets)
+    want = {(0, 1): 2, (0, 2): 0, (1, 1): 0, (1, 2): 1}
+    for (row, doc), index in want.items():
+        assert set(out["dataset_id"][row][out["doc_id"][row] == doc]) == {index}
+    assert (out["dataset_id"][out["doc_id"] == 0] == batch_lib.DATASET_PAD).all()
+    assert (out["dataset_id"][1][out["modality"][1] == batch_lib.VAE] == 1).all()
+
+
+def test_unknown_dataset_and_too_many_datasets_are_errors():
+    spec = dataclasses.replace(SPEC, datasets=("alpha",))
+    plan = SequencePlan([TextItem(np.arange(3, dtype=np.int32), True)], DocKey("zeta", "p", 0))
+    with pytest.raises(ValueError, match=r"dataset 'zeta': not one of the packed datasets"):
+        packing.layout([[plan]], spec)
+    with pytest.raises(ValueError, match=r"config.data.max_datasets=2 is below the 3 datasets"):
+        dataclasses.replace(SPEC, datasets=("a", "b", "c"), max_datasets=2)
+
+
+def test_spec_takes_the_sorted_names_and_the_bound_from_the_config(tiny_config):
+    spec = packing.PackSpec.from_config(tiny_config)
+    assert spec.datasets == packing.dataset_names(tiny_config) == ("digits", "shapes")
+    assert spec.max_datasets == tiny_config.data.max_datasets == 16
+    tiny_config.data.max_datasets = 1
+    with pytest.raises(ValueError, match="config.data.max_datasets=1"):
+        packing.PackSpec.from_config(tiny_config)

@@ -97,3 +97,26 @@ def test_combine_normalises_by_global_totals():
     empty = float(losses.combine({"ce_sum": 0.0, "z_sum": 0.0, "mse_sum": 3.0},
                                  {"text_weight": 0.0, "flow_weight": 12.0}, cfg))
     assert empty == pytest.approx(0.5)
+
+
+def test_per_dataset_ce_sums_add_up_and_equal_each_dataset_alone(problem, rng):
+    """Bucketing by dataset index: bucket k is the CE sum of dataset k's tokens (the sum with
+    every other token's weight set to 0), the buckets add up to the total, and padding (-1)
+    and buckets beyond the bound count nowhere."""
+    hidden, head, targets, weights = problem
+    dataset = rng.integers(0, 3, targets.shape).astype(np.int32)
+    dataset[:, -5:] = -1  # padding
+    weights[:, -5:] = 0.0
+    args = (jnp.asarray(hidden), jnp.asarray(targets))
+    head_fn = lambda h: h @ jnp.asarray(head)
+    got = losses.cross_entropy_sums(*args, jnp.asarray(weights), head_fn, 8,
+                                    jnp.asarray(dataset), 4)
+    per = np.asarray(got["ce_sum_per_dataset"])
+    assert per.shape == (4,) and per[3] == 0.0
+    assert per.sum() == pytest.approx(float(got["ce_sum"]), rel=1e-5)
+    for k in range(3):
+        alone = losses.cross_entropy_sums(*args, jnp.asarray(weights * (dataset == k)),
+                                          head_fn, 8)["ce_sum"]
+        assert per[k] == pytest.approx(float(alone), rel=1e-5), k
+    counted = losses.per_dataset(jnp.ones(targets.shape), jnp.asarray(dataset), 2)
+    assert np.asarray(counted).tolist() == [np.sum(dataset == 0), np.sum(dataset == 1)]

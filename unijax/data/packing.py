@@ -1,11 +1,12 @@
 """Packing: sequence plans -> fixed-shape, expert-major PackedBatch rows.
 
-Each row has four budgets, all from the config: und tokens (text, ViT tokens and every image
-marker; `config.data.und_capacity`), gen tokens (VAE latents; `gen_capacity`), ViT patch slots
-(`max_vit_patches`) and VAE image slots (`max_vae_images`). Documents are placed whole,
-first-fit over the rows of a batch; a document that does not fit an empty row is truncated at a
-safe boundary (text may be cut between tokens, an image or a video group is kept whole or not
-at all) or dropped, by `config.data.overlong`. A truncated document must keep some loss, or it
+Each row has four budgets, all from the config (`PackSpec`, in data/pack_spec.py): und tokens
+(text, ViT tokens and every image marker; `config.data.und_capacity`), gen tokens (VAE
+latents; `gen_capacity`), ViT patch slots (`max_vit_patches`) and VAE image slots
+(`max_vae_images`). Documents are placed whole, first-fit over the rows of a batch; a
+document that does not fit an empty row is truncated at a safe boundary (text may be cut
+between tokens, an image or a video group is kept whole or not at all) or dropped, by
+`config.data.overlong`. A truncated document must keep some loss, or it
 is dropped too. A document that fits no open row waits in a look-ahead buffer of up to
 `config.data.pack_buffer` documents while later ones fill the batch (`RowPacker`).
 
@@ -17,6 +18,9 @@ images in one span) whose tokens share one RoPE position, after which the positi
 the item's step (0 for a noisy image, the frame-index delta inside a video clip). Positions of
 images dropped for CFG stay unused (an item's `gap`). Markers and ViT tokens fill the und
 slice, VAE latents the gen slice. Layout is vectorised per item, not per token.
+
+Every token also carries its document's dataset (`dataset_id`: the index of `DocKey.dataset`
+in the sorted names of `config.data.datasets`, `PackSpec.datasets`), for per-dataset metrics.
 
 Pixels stay uint8 from decode to device: plans carry the resized uint8 pixels and the rows'
 `vit_patches` / `vae_images` are uint8 copies of them (the model normalises with
@@ -30,67 +34,15 @@ import dataclasses
 import numpy as np
 
 from unijax import batch as batch_lib
-from unijax.batch_builder import SpecialTokens
 from unijax.data import images as images_lib
+from unijax.data.pack_spec import (  # noqa: F401  (the packer's spec, re-exported)
+    DEFAULT_MAX_DATASETS,
+    DEFAULT_PACK_BUFFER,
+    OVERLONG_MODES,
+    PackSpec,
+    dataset_names,
+)
 from unijax.data.plan import ImageItem, SequencePlan, TextItem
-
-OVERLONG_MODES = ("truncate", "drop")
-DEFAULT_PACK_BUFFER = 16  # documents held back for a later batch (BAGEL: 50 samples)
-
-
-@dataclasses.dataclass(frozen=True)
-class PackSpec:
-    """Row shapes and token-layout constants.
-
-    Attributes:
-      num_und, num_gen: per-row und / gen token capacities.
-      max_vit_patches, max_vae_images: per-row ViT patch and VAE image slots.
-      vit_patch: ViT patch side in pixels.
-      vit_max_grid, max_latent_size: sides of the 2D position tables (patch_pos).
-      latent_cell: pixels per latent-token side.
-      latent_grid: (gh, gw) latent tokens of the VAE canvas (the largest VAE image).
-      overlong: "truncate" or "drop" for a document larger than an empty row.
-      special: ids of BAGEL's marker tokens.
-      pack_buffer: documents that fit no open row held back for a later batch (`RowPacker`);
-        0: first-fit without look-ahead.
-    """
-
-    num_und: int
-    num_gen: int
-    max_vit_patches: int
-    max_vae_images: int
-    vit_patch: int
-    vit_max_grid: int
-    max_latent_size: int
-    latent_cell: int
-    latent_grid: tuple[int, int]
-    overlong: str = "truncate"
-    special: SpecialTokens = SpecialTokens()
-    pack_buffer: int = DEFAULT_PACK_BUFFER
-
-    def __post_init__(self):
-        if self.overlong not in OVERLONG_MODES:
-            raise ValueError(f"overlong must be one of {OVERLONG_MODES}, got {self.overlong!r}")
-        if self.pack_buffer < 0:
-            raise ValueError(f"pack_buffer must be >= 0, got {self.pack_buffer}")
-
-    @classmethod
-    def from_config(cls, config, special: SpecialTokens = SpecialTokens()) -> PackSpec:  # noqa: B008
-        """Shapes from `config.data` and `config.model`."""
-        data, model = config.data, config.model
-        cell = (8 if model.vae is not None else 1) * model.latent_patch_size
-        side = data.vae_image_size // cell
-        vit_patch = model.vit.patch_size if model.vit is not None else 1
-        vit_grid = model.vit.max_grid if model.vit is not None else 1
-        return cls(data.und_capacity, data.gen_capacity, data.max_vit_patches,
-                   data.max_vae_images, vit_patch, vit_grid, model.max_latent_size, cell,
-                   (side, side), data.get("overlong", "truncate"), special,
-                   data.get("pack_buffer", DEFAULT_PACK_BUFFER))
-
-    @property
-    def capacity(self) -> np.ndarray:
-        """[und, gen, vit patches, vae images] of one row."""
-        return np.array([self.num_und, self.num_gen, self.max_vit_patches, self.max_vae_images])
 
 
 def _units(items) -> list[list]:
@@ -232,6 +184,7 @@ def empty_arrays(batch_size: int, spec: PackSpec) -> dict[str, np.ndarray]:
     length = spec.num_und + spec.num_gen
     out = {name: np.full((batch_size, length), batch_lib.TOKEN_PAD_VALUES.get(name, 0),
                          dtype=batch_lib._DTYPES[name]) for name in batch_lib.TOKEN_FIELDS}
+    out["dataset_id"] = np.full((batch_size, length), batch_lib.DATASET_PAD, np.int32)
     gh, gw = spec.latent_grid
     b, p, n = batch_size, spec.max_vit_patches, spec.max_vae_images
     out.update(
@@ -265,11 +218,12 @@ class _RowWriter:
     def __init__(self, out: dict[str, np.ndarray], row: int, spec: PackSpec):
         self.out, self.r, self.spec = out, row, spec
         self.und, self.gen, self.order, self.split = 0, spec.num_und, 0, 0
-        self.vit, self.vit_img, self.vae = 0, 0, 0
+        self.vit, self.vit_img, self.vae, self.dataset = 0, 0, 0, 0
 
     def _put(self, lo: int, n: int, **fields) -> None:
         sl = slice(lo, lo + n)
         self.out["order"][self.r, sl] = np.arange(self.order, self.order + n)
+        self.out["dataset_id"][self.r, sl] = self.dataset
         self.order += n
         for name, value in fields.items():
             self.out[name][self.r, sl] = value
@@ -330,6 +284,7 @@ class _RowWriter:
 
     def document(self, plan: SequencePlan, doc: int) -> None:
         pos, group = 0, None
+        self.dataset = self.spec.dataset_index(plan.key.dataset)
         for item in plan.items:
             pos += item.gap  # positions of images dropped for CFG stay unused
             if isinstance(item, TextItem):

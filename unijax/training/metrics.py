@@ -4,6 +4,7 @@
   writer.write(step, {"train/loss": 1.2, ...})
   bar = Progress(total=steps, initial=start_step)  # step, loss, steps/s, ETA on the console
   text = parameter_overview(params)               # clu's table of names, shapes, sizes
+  scalars = dataset_scalars(names, step_rows)     # per-dataset CE / MSE / tokens over steps
 
 Only process 0 writes files and draws the bar; every process may call these. On a restart from
 step K, `metrics.jsonl` keeps the lines up to K and TensorBoard purges later events, so a resumed
@@ -95,6 +96,61 @@ def read_metrics(workdir: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def dataset_scalars(names, rows) -> dict[str, float]:
+    """Per-dataset scalars of the steps since the last log, keyed "<name>/<metric>".
+
+    Args:
+      names: the dataset names; name k reads bucket k.
+      rows: per step {"ce", "mse", "text_weight", "flow_weight", "text_tokens", "flow_tokens",
+        "tokens"}, each [K] (`train.make_train_step`'s "per_dataset").
+
+    Returns:
+      "<name>/ce" and "<name>/mse": means over the steps weighted by the text / flow weight
+      (so the ratio of the summed losses to the summed weights), only for a dataset with
+      such weight in those steps; "<name>/text_weight", "/flow_weight", "/text_tokens",
+      "/flow_tokens", "/tokens": means per step.
+    """
+    if not rows or not names:
+        return {}
+    stack = {k: np.stack([np.asarray(r[k], np.float64) for r in rows]) for k in rows[0]}
+    out = {}
+    for k, name in enumerate(names):
+        for loss, weight in (("ce", "text_weight"), ("mse", "flow_weight")):
+            w = stack[weight][:, k]
+            if w.sum() > 0:
+                out[f"{name}/{loss}"] = float(np.sum(stack[loss][:, k] * w) / w.sum())
+        for key in ("text_weight", "flow_weight", "text_tokens", "flow_tokens", "tokens"):
+            out[f"{name}/{key}"] = float(stack[key][:, k].mean())
+    return out
+
+
+def read_tensorboard(workdir: str) -> dict[str, dict[int, float]]:
+    """The scalars of `WORKDIR/tensorboard`'s event files: {tag: {step: value}}.
+
+    Reads the TFRecord framing (u64 length, u32 crc, payload, u32 crc) and the Event protos
+    with tensorboardX's own protobuf classes (no TensorFlow); the crcs are not checked.
+    """
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    directory = os.path.join(workdir, "tensorboard")
+    scalars: dict[str, dict[int, float]] = {}
+    names = sorted(os.listdir(directory)) if os.path.isdir(directory) else []
+    for name in (n for n in names if n.startswith("events.out.tfevents")):
+        with open(os.path.join(directory, name), "rb") as f:
+            data = f.read()
+        offset = 0
+        while offset + 12 <= len(data):
+            (length,) = struct.unpack_from("<Q", data, offset)
+            event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
+            offset += 12 + length + 4
+            for value in event.summary.value:
+                if value.HasField("simple_value"):
+                    scalars.setdefault(value.tag, {})[int(event.step)] = value.simple_value
+    return scalars
+
+
 class Progress:
     """A tqdm bar on stderr: step / total, steps/s, ETA and the latest loss."""
 
@@ -153,13 +209,15 @@ def format_report(report: dict) -> str:
              f"({report['steps_per_s']:.2f} steps/s, {report['tokens_per_s']:.0f} tokens/s)"]
     initial, final = report.get("initial"), report.get("final")
     if initial and final:
-        lines.append(f"  {'held-out':<12}{'step 0':>10}{'final':>10}{'ratio':>8}"
+        # Totals first, then each split's ("<split>/ce", ...), in a column wide enough for both.
+        keys = sorted((k for k in initial if not k.endswith("_tokens") and k in final),
+                      key=lambda k: ("/" in k, k))
+        width = max([12] + [len(k) + 2 for k in keys])
+        lines.append(f"  {'held-out':<{width}}{'step 0':>10}{'final':>10}{'ratio':>8}"
                      + (f"{'EMA':>10}" if report.get("final_ema") else ""))
-        for key in sorted(initial):
-            if key.endswith("_tokens"):
-                continue
+        for key in keys:
             a, b = initial[key], final[key]
-            row = f"  {key:<12}{a:>10.4f}{b:>10.4f}{b / a if a else np.nan:>8.3f}"
+            row = f"  {key:<{width}}{a:>10.4f}{b:>10.4f}{b / a if a else np.nan:>8.3f}"
             if report.get("final_ema"):
                 row += f"{report['final_ema'][key]:>10.4f}"
             lines.append(row)

@@ -12,7 +12,8 @@
    step's global normalisers (`losses.py`), AdamW (`optim.py`), EMA, and a guard that leaves
    the state unchanged when the loss or the gradients are not finite. One `jax.jit` with
    explicit in/out shardings and the state donated.
-6. Loop: log every `log_every` steps (console bar, metrics.jsonl, TensorBoard), evaluate every
+6. Loop: log every `log_every` steps (console bar, metrics.jsonl, TensorBoard: the step's
+   losses, per dataset `train/<name>/ce` etc., the slices' fill `data/fill_*`), evaluate every
    `eval_every`, save every `checkpoint.every_steps` (async), and on SIGTERM save and stop.
 7. Report: held-out CE and flow MSE of the untrained model and of the final one (and its EMA),
    steps, wall time, tokens/s, and with `config.judges.enabled` the judges' per-category
@@ -34,8 +35,9 @@ import optax
 from absl import logging
 from flax import nnx
 
+from unijax import batch as batch_lib
 from unijax.batch import PackedBatch
-from unijax.data import pipeline
+from unijax.data import pack_spec, pipeline
 from unijax.data.worlds import shards as worlds
 from unijax.training import checkpoint as checkpoint_lib
 from unijax.training import evaluate, losses, metrics, optim, sharding
@@ -49,8 +51,13 @@ class TrainingError(RuntimeError):
 
 def make_train_step(config: ml_collections.ConfigDict, spec: state_lib.ModelSpec,
                     tx: optax.GradientTransformation, shardings: state_lib.TrainState, mesh):
-    """jit(state, batch) -> (state, metrics): one optimizer step over a global PackedBatch."""
+    """jit(state, batch) -> (state, metrics): one optimizer step over a global PackedBatch.
+
+    The metrics are scalars, plus "per_dataset" ([K] per `config.data.max_datasets` bucket:
+    ce, mse, their text / flow weights and token counts) and "fill" (`batch.slice_fill`).
+    """
     loss_cfg = losses.LossConfig.from_config(config)
+    latent_grid = pack_spec.PackSpec.from_config(config).latent_grid
     accum = int(config.train.get("grad_accum", 1))
     decay = float(config.train.ema_decay)
     schedule = optim.learning_rate_schedule(config)
@@ -108,11 +115,22 @@ def make_train_step(config: ml_collections.ConfigDict, spec: state_lib.ModelSpec
             "tokens": jnp.sum((batch.doc_id > 0).astype(jnp.float32)),
             "text_tokens": totals["text_tokens"], "flow_tokens": totals["flow_tokens"],
             "nonfinite_steps": nonfinite[0].astype(jnp.float32),
-            "nonfinite_in_a_row": nonfinite[1].astype(jnp.float32)}
+            "nonfinite_in_a_row": nonfinite[1].astype(jnp.float32),
+            "per_dataset": _per_dataset_metrics(sums["per_dataset"]),
+            "fill": batch_lib.slice_fill(batch, latent_grid)}
         return new_state, step_metrics
 
     return jax.jit(update, in_shardings=(shardings, sharding.batch_sharding(mesh)),
                    out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,))
+
+
+def _per_dataset_metrics(per: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """Each bucket's CE over its text weight and MSE over its flow weight, with the weights
+    (the logger averages over steps by them) and the token counts, [K] each."""
+    ratio = lambda key, weight: per[key] / jnp.maximum(per[weight], 1e-6)
+    return {"ce": ratio("ce_sum", "text_weight"), "mse": ratio("mse_sum", "flow_weight"),
+            **{k: per[k] for k in ("text_weight", "flow_weight", "text_tokens", "flow_tokens",
+                                   "tokens")}}
 
 
 def prepare_config(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
@@ -172,12 +190,15 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     eval_step = evaluate.make_eval_step(config, spec)
     writer = metrics.MetricWriter(workdir, start)
     in_mesh = lambda: _MeshContext(mesh)
+    # Bucket k of the per-dataset metrics is the k-th sorted name (what the packer wrote).
+    names, eval_names = pack_spec.dataset_names(config), evaluate.split_names(config)
 
     def run_eval(step, params, name="eval"):
         if not eval_batches:
             return None
         with in_mesh():
-            scores = evaluate.evaluate(eval_step, params, state.frozen, eval_batches)
+            scores = evaluate.evaluate(eval_step, params, state.frozen, eval_batches,
+                                       eval_names)
         writer.write(step, {f"{name}/{k}": v for k, v in scores.items()})
         logging.info("%s at step %d: %s", name, step, scores)
         return scores
@@ -209,7 +230,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 rows = jax.device_get(pending)
                 timer.add(len(rows), sum(float(r["tokens"]) for r in rows))
                 rows = rows or [jax.device_get(step_metrics)]
-                _log(writer, done, rows, data_iter, timer)
+                _log(writer, done, rows, data_iter, timer, names)
                 bar.update(done - logged, loss=float(rows[-1]["loss"]))
                 pending, logged = [], done
                 if max_nonfinite and rows[-1]["nonfinite_in_a_row"] >= max_nonfinite:
@@ -306,9 +327,16 @@ def _initial_scores(workdir: str, start: int, evaluate_now,
         return json.load(f)
 
 
-def _log(writer, step, rows, data_iter, timer) -> None:
-    """Writes the mean of each step metric since the last log, the data counters and rates."""
-    scalars = {f"train/{k}": float(np.mean([r[k] for r in rows])) for k in rows[-1]}
+def _log(writer, step, rows, data_iter, timer, names=()) -> None:
+    """Writes the mean of each step metric since the last log, per dataset (`names`: the
+    sorted dataset names) its losses and token counts, the mean slice fill, the data counters
+    and rates."""
+    scalars = {f"train/{k}": float(np.mean([r[k] for r in rows])) for k in rows[-1]
+               if k not in ("per_dataset", "fill")}
+    per_dataset = metrics.dataset_scalars(names, [r["per_dataset"] for r in rows])
+    scalars.update({f"train/{k}": v for k, v in per_dataset.items()})
+    for k in rows[-1]["fill"]:
+        scalars[f"data/{k}"] = float(np.mean([r["fill"][k] for r in rows]))
     for k in ("nonfinite_steps", "nonfinite_in_a_row", "learning_rate"):
         scalars[f"train/{k}"] = float(rows[-1][k])
     scalars["train/step_time_s"] = 1.0 / max(timer.rates()["steps_per_s"], 1e-9)
