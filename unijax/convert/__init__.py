@@ -3,4 +3,6 @@
   qwen2.py   HF Qwen2 / Qwen3 / BAGEL-MoT language-model weights <-> `MoTDecoder` params
   vision.py  SigLIP ViT and FLUX / diffusers VAE weights -> unijax vision modules
   placement.py  converted arrays -> the dtype and sharding of the target parameters
+  safetensors_io.py  safetensors files and sharded saves read without torch (bf16 included)
+  released.py  HF Qwen2 / SigLIP / FLUX VAE saves -> a train state's weights, checked and sharded
 """

@@ -23,6 +23,7 @@ checkpoints nest everything under `language_model.` (pass `prefix="language_mode
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 
 import numpy as np
@@ -192,3 +193,52 @@ def load_decoder_params(model: nnx.Module, params: Mapping) -> None:
 
     nnx.replace_by_pure_dict(state, fill(target, params, ""))
     nnx.update(model, state)
+
+
+@dataclasses.dataclass(frozen=True)
+class HFTensor:
+    """Where one decoder parameter comes from: its HF keys (one per layer for stacked layer
+    weights, in layer order) and the layout change (`_LAYER_KEYS` kinds)."""
+
+    keys: tuple[str, ...]
+    kind: str
+    heads: int = 0
+    head_dim: int = 0
+    stacked: bool = False
+
+    def convert(self, w: np.ndarray) -> np.ndarray:
+        """One HF tensor -> its unijax layout (a view where numpy allows: nothing is read)."""
+        return _from_hf(w, self.kind, self.heads, self.head_dim)
+
+    def hf_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The HF shape of one key for a unijax parameter of `shape` (stacked: [N, ...])."""
+        shape = tuple(shape[1:] if self.stacked else shape)
+        if self.kind == "heads_in":  # [D, n, Dh] <- [n*Dh, D]
+            return (shape[1] * shape[2], shape[0])
+        if self.kind == "heads_bias":
+            return (shape[0] * shape[1],)
+        if self.kind == "heads_out":  # [H, Dh, D] <- [D, H*Dh]
+            return (shape[2], shape[0] * shape[1])
+        return shape[::-1] if self.kind == "transpose" else shape
+
+
+def decoder_hf_sources(cfg: DecoderConfig, *, prefix: str = "",
+                       gen_from_und: bool = False) -> dict[tuple[str, ...], HFTensor]:
+    """Every `MoTDecoder` parameter path -> the HF tensors it is made of (what
+    `decoder_params_from_hf` reads, so a loader can read, check and place one parameter at a
+    time). Arguments as for `decoder_params_from_hf`."""
+    out = {("embed_tokens", "embedding"): HFTensor((prefix + "model.embed_tokens.weight",),
+                                                  "copy")}
+    experts = ["und"] + (["gen"] if cfg.num_experts == 2 else [])
+    for expert in experts:
+        suffix = GEN_SUFFIX if expert == "gen" and not gen_from_und else ""
+        for path, key, kind in _layer_keys(cfg):
+            keys = tuple(f"{prefix}model.layers.{i}.{key.format(g=suffix)}"
+                         for i in range(cfg.num_layers))
+            out[("layers", expert, *path)] = HFTensor(keys, kind, _heads(cfg, path),
+                                                      cfg.head_dim, stacked=True)
+        out[("final_norm", expert, "scale")] = HFTensor((f"{prefix}model.norm{suffix}.weight",),
+                                                        "copy")
+    if not cfg.tie_embeddings:
+        out[("lm_head", "kernel")] = HFTensor((prefix + "lm_head.weight",), "transpose")
+    return out

@@ -4,6 +4,9 @@
   load_tree(vit_module, tree, what="vit")
   load_tree(vae_module, vae_from_diffusers(autoencoder_kl_state_dict), what="vae")
   load_tree(vae_module, vae_from_flux_ae(ae_safetensors_state_dict), what="vae")
+  vit_hf_names("layers/mlp/fc1/kernel", num_layers=2)   # the HF names a parameter is read from
+  vae_diffusers_name("encoder/conv_in/kernel")           # "encoder.conv_in.weight"
+  flux_ae_name(name, num_levels) / diffusers_to_flux_ae(sd, num_levels)   # and FLUX's names
 
 State dicts are plain mappings name -> array (numpy, or anything `np.asarray` accepts, e.g. CPU
 torch tensors via `.numpy()`). Trees are nested dicts shaped like
@@ -88,6 +91,24 @@ def load_tree(module: nnx.Module, tree: Mapping, *, what: str) -> None:
 # ------------------------------------------------------------------------------------------
 # SigLIP (HF `SiglipVisionModel`, BAGEL `vit_model`).
 # ------------------------------------------------------------------------------------------
+
+
+_HF_LEAF = {"kernel": "weight", "scale": "weight", "bias": "bias"}
+
+
+def vit_hf_names(name: str, *, num_layers: int, prefix: str = "vision_model.") -> tuple[str, ...]:
+    """The HF SigLIP tensors a unijax ViT parameter ("/"-joined path inside the ViT, e.g.
+    `layers/mlp/fc1/kernel`) is made of by `vit_from_hf`: one per layer for `layers/...`."""
+    *parts, leaf = name.split("/")
+    leaf = _HF_LEAF.get(leaf, leaf)
+    if parts[:1] == ["layers"]:
+        rest = ".".join([*parts[1:], leaf])
+        return tuple(f"{prefix}encoder.layers.{i}.{rest}" for i in range(num_layers))
+    if parts[:1] == ["patch_embedding"]:
+        return (f"{prefix}embeddings.patch_embedding.{leaf}",)
+    if not parts and leaf == "position_embedding":
+        return (f"{prefix}embeddings.position_embedding.weight",)
+    return (prefix + ".".join([*parts, leaf]),)
 
 
 def _linear(sd, name: str) -> dict:
@@ -252,6 +273,53 @@ def flux_ae_to_diffusers_names(state_dict: Mapping) -> dict:
                      lambda m: f".mid_block.attentions.0.{attn[m.group(1)]}.", new)
         new = new.replace("nin_shortcut", "conv_shortcut")
         new = re.sub(r"^(encoder|decoder)\.norm_out\.", r"\1.conv_norm_out.", new)
+        out[new] = value
+    return out
+
+
+def vae_diffusers_name(name: str) -> str:
+    """The diffusers `AutoencoderKL` tensor a unijax VAE parameter ("/"-joined path inside
+    the VAE, e.g. `encoder/down_blocks/0/sampler/kernel`) is read from by `vae_from_diffusers`."""
+    *parts, leaf = name.split("/")
+    out = ".".join([*parts, _HF_LEAF.get(leaf, leaf)])
+    out = re.sub(r"^encoder\.down_blocks\.(\d+)\.sampler\.",
+                 r"encoder.down_blocks.\1.downsamplers.0.conv.", out)
+    out = re.sub(r"^decoder\.up_blocks\.(\d+)\.sampler\.",
+                 r"decoder.up_blocks.\1.upsamplers.0.conv.", out)
+    out = out.replace(".mid_block.attention.", ".mid_block.attentions.0.")
+    out = out.replace(".to_out.", ".to_out.0.")
+    return re.sub(r"^(encoder|decoder)\.norm_out\.", r"\1.conv_norm_out.", out)
+
+
+def flux_ae_name(diffusers_name: str, num_levels: int) -> str:
+    """The original FLUX `ae.safetensors` name of a diffusers name (the inverse of
+    `flux_ae_to_diffusers_names`; `num_levels` = len(channel_mult))."""
+    attn = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+    new = re.sub(r"^encoder\.down_blocks\.(\d+)\.resnets\.", r"encoder.down.\1.block.",
+                 diffusers_name)
+    new = re.sub(r"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.",
+                 r"encoder.down.\1.downsample.", new)
+    m = re.match(r"^decoder\.up_blocks\.(\d+)\.(resnets\.|upsamplers\.0\.)(.*)$", new)
+    if m:
+        part = "block." if m.group(2) == "resnets." else "upsample."
+        new = f"decoder.up.{num_levels - 1 - int(m.group(1))}.{part}{m.group(3)}"
+    new = re.sub(r"\.mid_block\.resnets\.(\d)\.",
+                 lambda m: f".mid.block_{int(m.group(1)) + 1}.", new)
+    new = re.sub(r"\.mid_block\.attentions\.0\.(group_norm|to_q|to_k|to_v|to_out\.0)\.",
+                 lambda m: f".mid.attn_1.{attn[m.group(1)]}.", new)
+    new = new.replace("conv_shortcut", "nin_shortcut")
+    return re.sub(r"^(encoder|decoder)\.conv_norm_out\.", r"\1.norm_out.", new)
+
+
+def diffusers_to_flux_ae(state_dict: Mapping, num_levels: int) -> dict:
+    """diffusers `AutoencoderKL` weights -> the original FLUX `ae.safetensors` names and
+    layouts (the mid-block attention projections are 1x1 convs [C, C, 1, 1] there)."""
+    out = {}
+    for key, value in state_dict.items():
+        new = flux_ae_name(key, num_levels)
+        if ".mid.attn_1." in new and new.endswith(".weight") and "attn_1.norm" not in new:
+            value = np.asarray(value)
+            value = value.reshape(*value.shape[:2], 1, 1)
         out[new] = value
     return out
 

@@ -7,7 +7,8 @@
 3. Data: this host's Grain iterator (`data.pipeline`), per-host rows assembled into global
    arrays (`pipeline.global_batch`); held-out batches read once (`evaluate.py`).
 4. State: restored from the newest checkpoint in the workdir (any mesh), or created under
-   `jax.jit` with sharded outputs (`state.py`).
+   `jax.jit` with sharded outputs (`state.py`) and given the weights `config.init` names
+   (released parts or another run's checkpoint, `init.py`).
 5. The update (`make_train_step`): per-row keys, the loss over 1..k micro-batches against the
    step's global normalisers (`losses.py`), AdamW (`optim.py`), EMA, and a guard that leaves
    the state unchanged when the loss or the gradients are not finite. One `jax.jit` with
@@ -41,6 +42,7 @@ from unijax.data import pack_spec, pipeline
 from unijax.data.worlds import shards as worlds
 from unijax.training import checkpoint as checkpoint_lib
 from unijax.training import evaluate, losses, metrics, optim, sharding
+from unijax.training import init as init_lib
 from unijax.training import judges as judges_lib
 from unijax.training import state as state_lib
 
@@ -181,8 +183,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         state = ckpt.restore(restored_from, target, data_iter)
         logging.info("restored from step %d (%s)", restored_from, ckpt.directory)
         print(f"restored from step {restored_from}", flush=True)
+        if init_lib.has_sources(config):
+            logging.info("config.init is ignored: the run resumes from its own checkpoint")
     else:
         state, _ = state_lib.init_state(config, mesh, spec, tx)
+        if init_lib.has_sources(config):  # released parts or another run (config.init)
+            state, _ = init_lib.initialize(config, state, mesh)
     start = int(jax.device_get(state.step))
 
     # The update and the evaluation (each compiled on its first call).
