@@ -24,10 +24,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.vae = base.flux_vae()
     c.model.llm.remat_policy = "full"
     c.attention.impl = "auto"
-    # Tokens per row, as BAGEL's `max_num_tokens` 36864 split by expert.
+    # Rows of BAGEL's `max_num_tokens` (36,864), split by expert as the capacity planner
+    # proposes for a BAGEL-like mixture (t2i : edit : VLM = 2 : 1 : 1 of ~768 px photos;
+    # `python -m unijax.data.capacity`, benchmarks/RESULTS.md "Row fill"): und 93% and gen 96%
+    # full, where the former even split (20,480 / 16,384) left und 42% full. A t2i-only run
+    # fills its rows with und 1,536 / gen 35,328 / 15 VAE slots instead.
     c.data.batch_size = 256
-    c.data.und_capacity = 20480
-    c.data.gen_capacity = 16384
+    c.data.und_capacity = 13824
+    c.data.gen_capacity = 23040
+    c.data.max_vit_patches = 12288
+    c.data.max_vae_images = 11
     c.mesh.data = 1
     c.mesh.fsdp = -1
     c.mesh.tensor = 1
