@@ -31,6 +31,7 @@ _TEST = [
     "ruff>=0.6",
     "nbmake>=1.5",
     "ipykernel>=6.29",
+    "matplotlib>=3.8",  # the notebooks' figures (tests/notebooks executes them)
     "scikit-image>=0.24",
     "safetensors>=0.4",
 ]

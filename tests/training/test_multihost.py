@@ -1,7 +1,9 @@
 """Two local processes (`jax.distributed` on localhost, gloo) train, checkpoint, agree on a
 preemption and restore: the code path of a multi-host pod, each host feeding its own shard of
-the data and writing its own shards of the state."""
+the data and writing its own shards of the state. The uninterrupted run and the final resume
+go through `launch/local.py`, the workstation launcher (prefixed logs, one exit code)."""
 
+import io
 import json
 import os
 import signal
@@ -11,6 +13,8 @@ import sys
 import time
 
 import pytest
+
+from launch import local
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STEPS = 12
@@ -22,18 +26,30 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _flags(workdir, worlds_dir) -> list[str]:
+    return ["--config=tests/training/small_config.py", f"--workdir={workdir}",
+            f"--config.data.worlds.dir={worlds_dir}", f"--config.train.steps={STEPS}",
+            "--config.checkpoint.every_steps=4"]
+
+
 def _start(workdir, worlds_dir):
     """The main job as 2 processes of 2 CPU devices each (one mesh of 4 devices)."""
     port = _free_port()
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
                JAX_PLATFORMS="cpu")
     return [subprocess.Popen(
-        [sys.executable, "-m", "unijax.main", "--config=tests/training/small_config.py",
-         f"--workdir={workdir}", f"--config.data.worlds.dir={worlds_dir}",
-         f"--config.train.steps={STEPS}", "--config.checkpoint.every_steps=4",
+        [sys.executable, "-m", "unijax.main", *_flags(workdir, worlds_dir),
          f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for i in range(2)]
+
+
+def _launch(workdir, worlds_dir) -> str:
+    """The main job through `launch.local` (2 processes of 2 devices); returns the joint log."""
+    out = io.StringIO()
+    code = local.launch(_flags(workdir, worlds_dir), 2, devices_per_process=2, out=out)
+    assert code == 0, out.getvalue()[-3000:]
+    return out.getvalue()
 
 
 def _finish(procs) -> list[str]:
@@ -69,8 +85,9 @@ def _losses(workdir) -> dict[int, float]:
 @pytest.mark.slow
 def test_two_processes_train_agree_on_preemption_and_restore(worlds_dir, tmp_path):
     full = tmp_path / "full"
-    out = _finish(_start(full, worlds_dir))
-    assert "over 4 cpu device(s)" in out[0]  # one global mesh over both hosts' devices
+    log = _launch(full, worlds_dir)
+    for i in range(2):  # both hosts' logs, prefixed; one global mesh over their 4 devices
+        assert f"[{i}] mesh: {{'data': 4, 'fsdp': 1, 'tensor': 1}} over 4 cpu device(s)" in log
     step_dir = full / "checkpoints" / str(STEPS)
     assert sorted(os.listdir(step_dir / "data_iter"))[:2] == ["commit_success.txt",
                                                               "process_0-of-2.json"]
@@ -95,6 +112,6 @@ def test_two_processes_train_agree_on_preemption_and_restore(worlds_dir, tmp_pat
     saved = {int(o.split("preempted: saved step ")[1].split()[0]) for o in out}
     assert len(saved) == 1 and 2 <= min(saved) < STEPS, out
 
-    out = _finish(_start(resumed, worlds_dir))
-    assert all(f"restored from step {min(saved)}" in o for o in out)
+    log = _launch(resumed, worlds_dir)  # a second launch resumes
+    assert all(f"[{i}] restored from step {min(saved)}" in log for i in range(2))
     assert _losses(resumed) == _losses(full)  # the restored run continues exactly
