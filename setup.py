@@ -27,6 +27,7 @@ _CORE = [
 
 _TEST = [
     "pytest>=8.0",
+    "pytest-xdist>=3.6",
     "hypothesis>=6.100",
     "ruff>=0.6",
     "nbmake>=1.5",

@@ -13,7 +13,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # start (they inherit the environment): the trainer's tests compile the same small programs
 # many times (a restarted run, each host of a multi-process run), and XLA's CPU compiler takes
 # seconds per program. The cache is keyed by the program, the jax version and the flags, so a
-# cached executable is the one a fresh compile would give.
+# cached executable is the one a fresh compile would give. pytest-xdist workers (`-n 2`) inherit
+# the controller's directory, so they share it too.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     import atexit
     import shutil
