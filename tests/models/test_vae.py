@@ -1,6 +1,5 @@
 """FLUX-style AutoencoderKL: parity with diffusers, checkpoint names, a real-photo round trip."""
 
-import re
 
 import jax
 import jax.numpy as jnp
@@ -92,40 +91,14 @@ def test_encode_decode_match_diffusers(diffusers_and_unijax):
     np.testing.assert_allclose(img, img_ref, atol=1e-4, rtol=1e-4)
 
 
-def _diffusers_to_ldm(sd: dict, num_levels: int) -> dict:
-    """Test-local inverse of the LDM/FLUX -> diffusers renaming (checked against diffusers)."""
-    out = {}
-    for key, value in sd.items():
-        new = re.sub(r"^encoder\.down_blocks\.(\d+)\.resnets\.", r"encoder.down.\1.block.", key)
-        new = re.sub(r"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.",
-                     r"encoder.down.\1.downsample.", new)
-        m = re.match(r"^decoder\.up_blocks\.(\d+)\.(resnets|upsamplers\.0)\.(.*)$", new)
-        if m:
-            part = "block" if m.group(2) == "resnets" else "upsample"
-            new = f"decoder.up.{num_levels - 1 - int(m.group(1))}.{part}.{m.group(3)}"
-        new = re.sub(r"\.mid_block\.resnets\.(\d)\.",
-                     lambda m: f".mid.block_{int(m.group(1)) + 1}.", new)
-        names = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v",
-                 "to_out.0": "proj_out"}
-        m = re.match(r"^(.*)\.mid_block\.attentions\.0\.(group_norm|to_q|to_k|to_v|to_out\.0)"
-                     r"\.(weight|bias)$", new)
-        if m:
-            new = f"{m.group(1)}.mid.attn_1.{names[m.group(2)]}.{m.group(3)}"
-            if value.ndim == 2:  # FLUX stores the attention projections as 1x1 convs
-                value = value[:, :, None, None]
-        new = new.replace("conv_shortcut", "nin_shortcut").replace("conv_norm_out", "norm_out")
-        out[new] = value
-    return out
-
-
 @pytest.mark.parity
 def test_flux_ae_names_map_like_diffusers(diffusers_and_unijax):
     torch, ref, _, sd = diffusers_and_unijax
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
-    ldm = _diffusers_to_ldm(sd, num_levels=2)
+    ldm = convert.diffusers_to_flux_ae(sd, num_levels=2)
     assert any(k.startswith("decoder.up.1.upsample") for k in ldm)
-    # diffusers' own LDM converter maps the FLUX-layout names back: the inverse above is right.
+    # diffusers' own LDM converter maps the FLUX-layout names back: our inverse is right.
     back = convert_ldm_vae_checkpoint(ldm, dict(ref.config))
     assert set(back) == set(sd)
     for k in sd:
