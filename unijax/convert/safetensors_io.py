@@ -3,6 +3,8 @@
   tensors = open_safetensors("/ckpt/Qwen2.5-7B-Instruct")  # a directory or one .safetensors file
   tensors.shape("lm_head.weight")                           # (152064, 3584), from the header
   w = tensors["model.embed_tokens.weight"]                  # read-only view, ml_dtypes.bfloat16
+  w = tensors.read("model.embed_tokens.weight")             # an owned copy; nothing stays mapped
+  write_safetensors(path, [(name, dtype, shape), ...], arrays)   # streamed, tensor by tensor
 
 The format (huggingface/safetensors): 8 bytes little-endian u64 N, then N bytes of JSON header
 `{name: {"dtype": "BF16", "shape": [...], "data_offsets": [begin, end]}, "__metadata__": {...}}`,
@@ -14,6 +16,10 @@ from disk until the values are used, and a slice of a view reads only its pages.
 A directory is a Hugging Face or diffusers save: `model.safetensors`, or the shards named by
 `model.safetensors.index.json` (`weight_map`: tensor name -> shard file), or the same with the
 `diffusion_pytorch_model` stem.
+
+A converter that visits every tensor once reads with `read` (one positioned read into a fresh
+array): memory-mapped pages that were touched stay resident in the process while the map is
+open, so over a whole checkpoint the views would hold it all in memory again.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import math
 import os
 import struct
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import ml_dtypes
 import numpy as np
@@ -37,6 +43,7 @@ DTYPES = {
     "BF16": np.dtype(ml_dtypes.bfloat16), "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
     "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
 }
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 STEMS = ("model", "diffusion_pytorch_model")
 _HEADER_LIMIT = 100 * 1024 * 1024  # the reference implementation's bound on the JSON header
 
@@ -100,6 +107,24 @@ class SafetensorsFile(Mapping):
         raw = self._map[self._start + begin:self._start + end]
         return raw.view(dtype).reshape(shape).view(np.ndarray)
 
+    def read(self, name: str) -> np.ndarray:
+        """The tensor as a new writable array, read from the file (not mapped)."""
+        if name not in self._entries:
+            raise KeyError(f"{self.path} has no tensor {name!r}")
+        dtype, shape, begin, end = self._entries[name]
+        out = np.empty(shape, dtype)
+        buffer = memoryview(out.reshape(-1).view(np.uint8))
+        with open(self.path, "rb") as f:
+            f.seek(self._start + begin)
+            done = 0
+            while done < end - begin:
+                got = f.readinto(buffer[done:])
+                if not got:
+                    raise OSError(f"{self.path}: tensor {name!r} ends after {done} of "
+                                  f"{end - begin} bytes (truncated file)")
+                done += got
+        return out
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._entries)
 
@@ -135,6 +160,12 @@ class SafetensorsCheckpoint(Mapping):
         if name not in self._owner:
             raise KeyError(f"{self.where} has no tensor {name!r}")
         return self._owner[name][name]
+
+    def read(self, name: str) -> np.ndarray:
+        """The tensor as a new writable array, read from its file (not mapped)."""
+        if name not in self._owner:
+            raise KeyError(f"{self.where} has no tensor {name!r}")
+        return self._owner[name].read(name)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._owner)
@@ -191,3 +222,54 @@ def open_safetensors(path: str) -> SafetensorsCheckpoint:
     """Every tensor of a safetensors save (see `safetensors_files`), read lazily."""
     return SafetensorsCheckpoint([SafetensorsFile(f) for f in safetensors_files(path)],
                                  where=str(path))
+
+
+def write_safetensors(path: str, specs: Sequence[tuple[str, np.dtype, tuple[int, ...]]],
+                      arrays: Iterable[np.ndarray],
+                      metadata: Mapping[str, str] | None = None) -> None:
+    """Writes one `.safetensors` file without holding its tensors together.
+
+    The header is built from `specs` (name, dtype, shape, in file order); then each array that
+    `arrays` yields, in the same order, is checked against its spec and appended, so only the
+    array being written is in memory. The file appears (renamed from `path.tmp`) only when
+    complete.
+
+    Raises:
+      ValueError: naming the tensor whose array has another dtype or shape, an unsupported
+        dtype, or a count of arrays that differs from the specs.
+    """
+    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for name, dtype, shape in specs:
+        dtype = np.dtype(dtype)
+        if dtype not in DTYPE_NAMES:
+            raise ValueError(f"write_safetensors: tensor {name!r} has dtype {dtype}, which "
+                             f"safetensors cannot store (known: {sorted(DTYPES)})")
+        size = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": [int(d) for d in shape],
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the reference writer aligns the data to 8 bytes
+    tmp = f"{path}.tmp"
+    count = 0
+    try:
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(blob)))
+            f.write(blob)
+            for (name, dtype, shape), array in zip(specs, arrays):
+                array = np.asarray(array)
+                if array.dtype != np.dtype(dtype) or tuple(array.shape) != tuple(shape):
+                    raise ValueError(f"write_safetensors: tensor {name!r} is {array.dtype} "
+                                     f"{list(array.shape)}, its header entry says "
+                                     f"{np.dtype(dtype)} {list(shape)}")
+                f.write(np.ascontiguousarray(array).reshape(-1).view(np.uint8).data)
+                count += 1
+        if count != len(specs):
+            raise ValueError(f"write_safetensors: {count} arrays for the {len(specs)} "
+                             f"tensors of {path}")
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    os.replace(tmp, path)
