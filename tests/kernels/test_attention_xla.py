@@ -61,6 +61,72 @@ def test_xla_fully_masked_rows_are_zero_not_nan():
     assert (np.asarray(out)[pad] == 0).all() and (np.asarray(grads)[pad] == 0).all()
 
 
+
+def _meta(doc_id, order, split_id, noisy=None):
+    arrays = [np.asarray(x, np.int32) for x in (doc_id, order, split_id)]
+    noisy = np.zeros_like(arrays[0], bool) if noisy is None else np.asarray(noisy, bool)
+    return batch_lib.TokenMeta(*arrays, noisy)
+
+
+def test_xla_never_computes_hidden_tiles():
+    """Keys and values that no query of a tile may see are NaN: if that tile were computed,
+    0 * NaN would poison the output. Row 0: two 16-token documents, then 16 padding tokens;
+    row 1: one 48-token document. With 16-token tiles the cross-document and padding tiles
+    are hidden and must be skipped; every result equals the dense reference on clean inputs,
+    rows with different numbers of visible tiles in one batch included."""
+    causal = np.tile(np.arange(16), 3)
+    meta = _meta([[1] * 16 + [2] * 16 + [0] * 16, [1] * 48],
+                 [causal, np.arange(48)], np.full((2, 48), -1))
+    keys = jax.random.split(jax.random.key(2), 4)
+    q = jax.random.normal(keys[0], (2, 48, 4, 8))
+    k = jax.random.normal(keys[1], (2, 48, 2, 8))
+    v = jax.random.normal(keys[2], (2, 48, 2, 8))
+    d_out = jax.random.normal(keys[3], (2, 48, 4, 8))
+    # Padding keys and values of row 0 are NaN; so are its document-1 keys for the queries of
+    # document 2 (cross attention: document-2 queries over a copy whose document-1 block is NaN).
+    poison = np.zeros((2, 48, 1, 1), bool)
+    poison[0, 32:] = True
+    k_bad, v_bad = (jnp.where(poison, jnp.nan, x) for x in (k, v))
+    xla = lambda q, k, v: attention_lib.attention(q, k, v, meta, impl="xla", chunk_size=16)
+    dense = lambda q, k, v: _dense_reference(q, k, v, meta)
+    out = jax.jit(xla)(q, k_bad, v_bad)
+    np.testing.assert_allclose(out, dense(q, k, v), rtol=1e-5, atol=1e-5)
+    got = jax.jit(jax.grad(_loss(xla, d_out), argnums=(0, 1, 2)))(q, k_bad, v_bad)
+    want = jax.jit(jax.grad(_loss(dense, d_out), argnums=(0, 1, 2)))(q, k, v)
+    for a, w in zip(got, want):
+        np.testing.assert_allclose(a, w, rtol=1e-4, atol=1e-5)
+
+    cross_k = jnp.where(np.arange(48)[None, :, None, None] < 16, jnp.nan, k)[:1]
+    q_meta = _meta([[2] * 16], [np.arange(16)], [[-1] * 16])
+    kv_meta = _meta([meta.doc_id[0]], [meta.order[0]], [meta.split_id[0]])
+    got = attention_lib.attention(q[:1, 16:32], cross_k, cross_k, q_meta, kv_meta, impl="xla",
+                                  chunk_size=16)
+    assert np.isfinite(np.asarray(got)).all()
+
+
+@pytest.mark.parametrize("lq,lk,chunk", [(1, 40, 16), (5, 40, 16), (40, 40, 16), (37, 37, 64)])
+def test_xla_uneven_lengths_and_short_queries(lq, lk, chunk):
+    """Queries shorter than the keys (a decode step against a cache) and lengths that are not
+    multiples of the tile: the last queries of a 40-token document against all its keys."""
+    meta = _meta([[1] * lk], [np.arange(lk)], [[-1] * lk])
+    q_meta = _meta([[1] * lq], [np.arange(lk - lq, lk)], [[-1] * lq])
+    keys = jax.random.split(jax.random.key(3), 4)
+    q = jax.random.normal(keys[0], (1, lq, 4, 8))
+    k = jax.random.normal(keys[1], (1, lk, 2, 8))
+    v = jax.random.normal(keys[2], (1, lk, 2, 8))
+    d_out = jax.random.normal(keys[3], (1, lq, 4, 8))
+    xla = lambda q, k, v: attention_lib.attention(q, k, v, q_meta, meta, impl="xla",
+                                                  chunk_size=chunk)
+    full_q = jnp.zeros((1, lk, 4, 8)).at[:, lk - lq:].set(q)
+    want = _dense_reference(full_q, k, v, meta)[:, lk - lq:]
+    np.testing.assert_allclose(jax.jit(xla)(q, k, v), want, rtol=1e-5, atol=1e-5)
+    dense = lambda q, k, v: _dense_reference(
+        jnp.zeros((1, lk, 4, 8)).at[:, lk - lq:].set(q), k, v, meta)[:, lk - lq:]
+    got = jax.jit(jax.grad(_loss(xla, d_out), argnums=(0, 1, 2)))(q, k, v)
+    want = jax.grad(_loss(dense, d_out), argnums=(0, 1, 2))(q, k, v)
+    for a, w in zip(got, want):
+        np.testing.assert_allclose(a, w, rtol=1e-4, atol=1e-5)
+
 # ------------------------------------------------------------------------------------------
 # The rule: dense_mask == brute force, and what it means, on builder layouts.
 # ------------------------------------------------------------------------------------------

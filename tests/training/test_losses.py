@@ -87,6 +87,31 @@ def test_chunked_ce_never_holds_all_logits(problem):
     assert max(sizes(jaxpr.jaxpr)) >= b * 8 * v  # one chunk's logits do exist
 
 
+
+def test_lm_head_runs_only_on_chunks_with_targets(rng):
+    """Row 0 has 20 targets scattered over 64 und tokens, row 1 has 5: with 16-token chunks the
+    head runs on ceil(20 / 16) = 2 chunks, not 4, and the sums are still the dense ones."""
+    b, s, d, v = 2, 64, 8, 30
+    hidden = rng.normal(size=(b, s, d)).astype(np.float32)
+    head = rng.normal(size=(d, v)).astype(np.float32)
+    targets = rng.integers(0, v, (b, s)).astype(np.int32)
+    weights = np.zeros((b, s), np.float32)
+    weights[0, rng.choice(s, 20, replace=False)] = 1.0
+    weights[1, rng.choice(s, 5, replace=False)] = 0.5
+    calls = []
+
+    def head_fn(h):
+        jax.debug.callback(lambda: calls.append(1))
+        return h @ jnp.asarray(head)
+
+    got = jax.jit(lambda h: losses.cross_entropy_sums(
+        h, jnp.asarray(targets), jnp.asarray(weights), head_fn, 16))(jnp.asarray(hidden))
+    jax.effects_barrier()
+    assert len(calls) == 2
+    want = dense_reference(hidden, head, targets, weights)
+    for key in want:
+        assert float(got[key]) == pytest.approx(want[key], rel=1e-5), key
+
 def test_combine_normalises_by_global_totals():
     sums = {"ce_sum": 6.0, "z_sum": 40.0, "mse_sum": 3.0}
     totals = {"text_weight": 3.0, "flow_weight": 12.0}

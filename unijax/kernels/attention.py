@@ -2,8 +2,9 @@
 
 The mask is computed from per-token metadata (`kernels/mask.py`), never passed as an L x L
 array. Backends (`impl=`):
-  xla         reference: online softmax over key chunks with a flash-style custom VJP, so
-              forward and backward memory is O(L * chunk) per head; runs everywhere.
+  xla         tiled flash attention in jnp (`kernels/xla_flash.py`): visits only the
+              (query chunk, key chunk) tiles the mask does not hide, online softmax, a
+              one-pass custom VJP; memory O(L * chunk) per head; runs everywhere.
   pallas_tpu  Mosaic flash kernels with the mask evaluated in-kernel from the metadata and
               block sparsity from a scalar-prefetched schedule (`kernels/pallas_tpu.py`).
   pallas_gpu  the same through Triton-lowered Pallas (`kernels/pallas_gpu.py`).
@@ -36,6 +37,7 @@ from jax.sharding import PartitionSpec as P
 from unijax.batch import TokenMeta
 from unijax.kernels import _flash_common as common
 from unijax.kernels import mask as mask_lib
+from unijax.kernels import xla_flash
 
 # The Pallas tile arguments (forward, then backward), as `attention` and `config.attention`
 # name them.
@@ -69,7 +71,7 @@ def attention(
       kv_meta: metadata of the keys, fields [B, Lk] (default: q_meta, self-attention).
       impl: backend name (see module docstring).
       scale: logit scale (default 1/sqrt(D)).
-      chunk_size: key chunk of the xla backend.
+      chunk_size: query and key tile of the xla backend.
       block_q, block_kv: forward tile of the Pallas backends (None or 0: per-platform default).
       block_q_bwd, block_kv_bwd: backward tile of the Pallas backends (likewise).
       interpret: run the Pallas kernels in the interpreter (CPU tests).
@@ -177,114 +179,16 @@ def _shard_mapped(fn: Callable, shard: tuple, mesh, num_kv_heads: int) -> Callab
 
 
 # ------------------------------------------------------------------------------------------
-# xla reference backend.
+# xla backend (kernels/xla_flash.py).
 # ------------------------------------------------------------------------------------------
 
 
-def _chunk_meta(meta: TokenMeta, num_chunks: int, chunk: int) -> TokenMeta:
-    """Pads key metadata to num_chunks * chunk (padding: doc 0, never visible), then
-    [B, Lk] -> [num_chunks, B, chunk]."""
-    pad = num_chunks * chunk - meta.doc_id.shape[1]
-
-    def split(x):
-        x = jnp.pad(x, ((0, 0), (0, pad)))
-        return rearrange(x, "b (n c) -> n b c", c=chunk)
-
-    return TokenMeta(*(split(x) for x in (meta.doc_id, meta.order, meta.split_id, meta.noisy)))
-
-
-def _chunk_kv(x: jax.Array, num_chunks: int, chunk: int) -> jax.Array:
-    """[B, Lk, Hkv, D] -> [num_chunks, B, Hkv, chunk, D] (zero padded)."""
-    pad = num_chunks * chunk - x.shape[1]
-    x = jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0)))
-    return rearrange(x, "b (n c) h d -> n b h c d", c=chunk)
-
-
-def _chunk_mask(q_meta: TokenMeta, k_meta: TokenMeta) -> jax.Array:
-    """[B, Lq] x [B, C] metadata -> [B, 1, 1, Lq, C] mask (broadcast over Hkv, group)."""
-    return mask_lib.dense_mask(q_meta, k_meta)[:, None, None]
-
-
 def _xla(q, k, v, q_meta, kv_meta, *, scale, chunk_size):
-    hkv = k.shape[2]
-    chunk = min(chunk_size, k.shape[1])
     # [B, Lq, H, D] -> [B, Hkv, G, Lq, D]: each KV head serves a group of G query heads.
-    qg = rearrange(q, "b l (hk g) d -> b hk g l d", hk=hkv)
-    out = _flash_xla(qg, k, v, q_meta, kv_meta, scale, chunk)
+    qg = rearrange(q, "b l (hk g) d -> b hk g l d", hk=k.shape[2])
+    out = xla_flash.flash(qg, k, v, q_meta, kv_meta, scale, chunk_size)
     return rearrange(out, "b hk g l d -> b l (hk g) d").astype(q.dtype)
 
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _flash_xla(qg, k, v, q_meta, kv_meta, scale, chunk):
-    return _flash_forward(qg, k, v, q_meta, kv_meta, scale, chunk)[0]
-
-
-def _flash_forward(qg, k, v, q_meta, kv_meta, scale, chunk):
-    num_chunks = -(-k.shape[1] // chunk)
-    ks, vs = _chunk_kv(k, num_chunks, chunk), _chunk_kv(v, num_chunks, chunk)
-    k_meta = _chunk_meta(kv_meta, num_chunks, chunk)
-    q32 = qg.astype(jnp.float32) * scale
-    b, hkv, g, lq, d = qg.shape
-
-    def step(carry, xs):
-        m, l, acc = carry
-        k_c, v_c, meta_c = xs
-        s = jnp.einsum("bhgqd,bhkd->bhgqk", q32, k_c.astype(jnp.float32))
-        s = jnp.where(_chunk_mask(q_meta, meta_c), s, -jnp.inf)
-        m_new = jnp.maximum(m, s.max(-1))
-        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
-        p = jnp.exp(s - m_safe[..., None])
-        correction = jnp.exp(m - m_safe)
-        l = l * correction + p.sum(-1)
-        acc = acc * correction[..., None] + jnp.einsum(
-            "bhgqk,bhkd->bhgqd", p, v_c.astype(jnp.float32))
-        return (m_new, l, acc), None
-
-    init = (jnp.full((b, hkv, g, lq), -jnp.inf, jnp.float32),
-            jnp.zeros((b, hkv, g, lq), jnp.float32),
-            jnp.zeros((b, hkv, g, lq, d), jnp.float32))
-    (m, l, acc), _ = jax.lax.scan(step, init, (ks, vs, k_meta))
-    seen = l > 0
-    out = jnp.where(seen[..., None], acc / jnp.where(seen, l, 1.0)[..., None], 0.0)
-    # Rows that see nothing get lse = +inf so that the backward's exp(s - lse) is exactly 0.
-    lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), jnp.inf)
-    return out.astype(qg.dtype), (qg, k, v, q_meta, kv_meta, out, lse)
-
-
-def _flash_fwd_rule(qg, k, v, q_meta, kv_meta, scale, chunk):
-    return _flash_forward(qg, k, v, q_meta, kv_meta, scale, chunk)
-
-
-def _flash_bwd_rule(scale, chunk, residuals, d_out):
-    qg, k, v, q_meta, kv_meta, out, lse = residuals
-    lk = k.shape[1]
-    num_chunks = -(-lk // chunk)
-    ks, vs = _chunk_kv(k, num_chunks, chunk), _chunk_kv(v, num_chunks, chunk)
-    k_meta = _chunk_meta(kv_meta, num_chunks, chunk)
-    q32 = qg.astype(jnp.float32)
-    do = d_out.astype(jnp.float32)
-    delta = jnp.sum(do * out, axis=-1)  # [B, Hkv, G, Lq]
-
-    def step(dq, xs):
-        k_c, v_c, meta_c = xs
-        k32, v32 = k_c.astype(jnp.float32), v_c.astype(jnp.float32)
-        s = jnp.einsum("bhgqd,bhkd->bhgqk", q32 * scale, k32)
-        s = jnp.where(_chunk_mask(q_meta, meta_c), s, -jnp.inf)
-        p = jnp.exp(s - lse[..., None])
-        dv_c = jnp.einsum("bhgqk,bhgqd->bhkd", p, do)
-        dp = jnp.einsum("bhgqd,bhkd->bhgqk", do, v32)
-        ds = p * (dp - delta[..., None]) * scale
-        dq = dq + jnp.einsum("bhgqk,bhkd->bhgqd", ds, k32)
-        dk_c = jnp.einsum("bhgqk,bhgqd->bhkd", ds, q32)
-        return dq, (dk_c, dv_c)
-
-    dq, (dks, dvs) = jax.lax.scan(step, jnp.zeros_like(q32), (ks, vs, k_meta))
-    dk = rearrange(dks, "n b h c d -> b (n c) h d")[:, :lk]
-    dv = rearrange(dvs, "n b h c d -> b (n c) h d")[:, :lk]
-    return (dq.astype(qg.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None)
-
-
-_flash_xla.defvjp(_flash_fwd_rule, _flash_bwd_rule)
 
 # ------------------------------------------------------------------------------------------
 # cuDNN: exact through a dense mask (see module docstring).

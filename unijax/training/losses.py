@@ -25,7 +25,11 @@ k's CE is its CE sum over its text weight; the buckets' sums add up to the total
 The CE never holds [B, L_und, V] logits at once: the und slice is cut into chunks of
 `ce_chunk_size` tokens, each chunk's logits are formed, reduced to sums and dropped, and
 rematerialised in the backward pass (`jax.checkpoint`). At BAGEL-7B's vocabulary (152,064) a
-20k-token row would otherwise need 12 GB of float32 logits.
+20k-token row would otherwise need 12 GB of float32 logits. The LM head runs only where a CE
+target is: each row's target positions are first moved to its front (a stable sort, so the
+sums are unchanged), and a chunk in which no row has a target is skipped (`lax.cond`), so the
+head costs ceil(max targets per row / chunk) chunks instead of every und token (ViT tokens,
+image markers and padding have no target).
 """
 
 from __future__ import annotations
@@ -104,6 +108,11 @@ def cross_entropy_sums(hidden: jax.Array, targets: jax.Array, weights: jax.Array
     k = num_datasets if dataset is not None else 0
     if dataset is None:
         dataset = jnp.zeros_like(targets)
+    # Targets first in every row (stable: their order is kept), so trailing chunks are empty.
+    first = jnp.argsort(weights <= 0, axis=1, stable=True)
+    hidden = jnp.take_along_axis(hidden, first[..., None], axis=1)
+    targets, weights, dataset = (jnp.take_along_axis(x, first, axis=1)
+                                 for x in (targets, weights, dataset))
     chunk = max(1, min(chunk_size, s))
     pad = -s % chunk
     if pad:
@@ -126,7 +135,12 @@ def cross_entropy_sums(hidden: jax.Array, targets: jax.Array, weights: jax.Array
         return jnp.concatenate([jnp.stack([jnp.sum(ce), jnp.sum(w * lse * lse),
                                            jnp.sum(w * correct)]), per_dataset(ce, ds, k)])
 
-    sums = jnp.sum(jax.lax.map(lambda xs: chunk_sums(*xs),
+    def maybe_chunk_sums(xs):
+        h, t, w, ds = xs
+        return jax.lax.cond(jnp.any(w > 0), chunk_sums,
+                            lambda *_: jnp.zeros((3 + k,), jnp.float32), h, t, w, ds)
+
+    sums = jnp.sum(jax.lax.map(maybe_chunk_sums,
                                (split(hidden), split(targets), split(weights), split(dataset))),
                    axis=0)
     out = {"ce_sum": sums[0], "z_sum": sums[1], "correct_sum": sums[2]}
