@@ -8,8 +8,8 @@ full remat optional) over BAGEL-like packed rows (half und tokens: text, ViT and
 half gen tokens: VAE latents; several documents per row), jits `value_and_grad` of a loss on
 the hidden states and times it. MFU counts the analytic model FLOPs (6 x weight FLOPs per token
 + attention over the *visible* (query, key) pairs only, 3x forward) against the device's peak
-dense bf16 rate. The LM head and the optimizer update are not included. Rows are appended to
-benchmarks/RESULTS.md (or --out).
+dense bf16 rate (`unijax.models.flops.peak_flops`). The LM head and the optimizer update are
+not included. Rows are appended to benchmarks/RESULTS.md (or --out).
 """
 
 from __future__ import annotations
@@ -43,19 +43,6 @@ MODELS = {
                  intermediate_size=256),
 }
 
-# Peak dense bf16 FLOP/s by device kind (vendor data sheets, SXM parts).
-PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12, "TPU v5p": 459e12, "TPU v5 lite": 197e12,
-             "TPU v6 lite": 918e12}
-
-
-def peak_flops(device) -> float | None:
-    """Peak dense bf16 FLOP/s of `device`, or None when unknown (e.g. CPU)."""
-    for name, value in PEAK_BF16.items():
-        if name in device.device_kind:
-            return value
-    return None
-
-
 def run(model: str, length: int, batch: int, impl: str, remat: str, steps: int):
     cfg = DecoderConfig(vocab_size=1024, **MODELS[model], num_experts=2, remat_policy=remat,
                         dtype="bfloat16", param_dtype="float32", attention_impl=impl,
@@ -87,7 +74,7 @@ def run(model: str, length: int, batch: int, impl: str, remat: str, steps: int):
     useful = flops_lib.decoder_forward_flops(cfg, num_und, length - num_und, batch_size=batch,
                                              attention_density=density)
     train_flops = 3 * useful["total"]
-    peak = peak_flops(jax.devices()[0])
+    peak = flops_lib.peak_flops(jax.devices()[0])
     mfu = train_flops / seconds / peak if peak else float("nan")
     params = sum(x.size for x in jax.tree.leaves(state))
     return dict(model=model, params=params, length=length, batch=batch, impl=impl, remat=remat,

@@ -5,6 +5,8 @@
   bar = Progress(total=steps, initial=start_step)  # step, loss, steps/s, ETA on the console
   text = parameter_overview(params)               # clu's table of names, shapes, sizes
   scalars = dataset_scalars(names, step_rows)     # per-dataset CE / MSE / tokens over steps
+  timer.add(steps, tokens, model_flops)           # then rates() and per_device(devices, peak):
+                                                  # tokens/s, TFLOP/s and MFU per device
 
 Only process 0 writes files and draws the bar; every process may call these. On a restart from
 step K, `metrics.jsonl` keeps the lines up to K and TensorBoard purges later events, so a resumed
@@ -180,19 +182,39 @@ def parameter_overview(params: dict) -> str:
 
 
 class StepTimer:
-    """Steps and tokens per second since the first measured step (compilation excluded)."""
+    """Steps, tokens and model FLOPs per second since the first measured step (compilation
+    excluded)."""
 
     def __init__(self):
         self._start = None
         self._steps = 0
         self._tokens = 0.0
+        self._flops = 0.0
 
     def start(self) -> None:
         self._start, self._steps, self._tokens = time.perf_counter(), 0, 0.0
+        self._flops = 0.0
 
-    def add(self, steps: int, tokens: float) -> None:
+    def add(self, steps: int, tokens: float, model_flops: float = 0.0) -> None:
+        """Counts `steps` finished steps of `tokens` non-padding tokens and `model_flops`
+        (`models.flops.step_flops`'s "model" of their global batches) in total."""
         self._steps += steps
         self._tokens += tokens
+        self._flops += model_flops
+
+    def per_device(self, devices: int, peak_flops: float | None = None) -> dict[str, float]:
+        """Per-device rates of the measured steps: {"tokens_per_s_per_device",
+        "tflops_per_s_per_device" (model FLOPs, 1e12/s), and with a known `peak_flops` (FLOP/s
+        per device) "mfu" = model FLOPs / time / devices / peak}; {} before any step."""
+        if not self._steps:
+            return {}
+        seconds = max(self.seconds, 1e-9)
+        flops = self._flops / seconds / devices
+        out = {"tokens_per_s_per_device": self._tokens / seconds / devices,
+               "tflops_per_s_per_device": flops / 1e12}
+        if peak_flops:
+            out["mfu"] = flops / peak_flops
+        return out
 
     @property
     def seconds(self) -> float:

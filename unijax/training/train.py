@@ -40,6 +40,7 @@ from unijax import batch as batch_lib
 from unijax.batch import PackedBatch
 from unijax.data import pack_spec, pipeline
 from unijax.data.worlds import shards as worlds
+from unijax.models import flops as flops_lib
 from unijax.training import checkpoint as checkpoint_lib
 from unijax.training import evaluate, losses, metrics, optim, sharding
 from unijax.training import init as init_lib
@@ -221,10 +222,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     eval_every = int(train_cfg.get("eval_every", 0))
     max_nonfinite = int(train_cfg.get("max_nonfinite_steps", 0))
     bar, timer = metrics.Progress(steps, start), metrics.StepTimer()
-    pending, preempted, saved, logged = [], False, restored_from, start
+    model_flops, peak = _flop_counter(config), flops_lib.peak_flops(jax.devices()[0])
+    pending, pending_flops, preempted, saved, logged = [], [], False, restored_from, start
     with checkpoint_lib.PreemptionGuard() as guard, in_mesh():
         for step in range(start, steps):
-            batch = pipeline.global_batch(next(data_iter), mesh)
+            host_batch = next(data_iter)
+            batch = pipeline.global_batch(host_batch, mesh)
             state, step_metrics = train_step(state, batch)
             done = step + 1
             if step == start:  # the first step compiles: the rates count the others
@@ -232,13 +235,15 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 timer.start()
             else:
                 pending.append(step_metrics)
+                # Counted on the host while the device runs the step (dispatch is async).
+                pending_flops.append(model_flops(host_batch))
             if done % log_every == 0 or done == steps:
                 rows = jax.device_get(pending)
-                timer.add(len(rows), sum(float(r["tokens"]) for r in rows))
+                timer.add(len(rows), sum(float(r["tokens"]) for r in rows), sum(pending_flops))
                 rows = rows or [jax.device_get(step_metrics)]
-                _log(writer, done, rows, data_iter, timer, names)
+                _log(writer, done, rows, data_iter, timer, names, peak)
                 bar.update(done - logged, loss=float(rows[-1]["loss"]))
-                pending, logged = [], done
+                pending, pending_flops, logged = [], [], done
                 if max_nonfinite and rows[-1]["nonfinite_in_a_row"] >= max_nonfinite:
                     bar.close()
                     ckpt.close()
@@ -333,10 +338,19 @@ def _initial_scores(workdir: str, start: int, evaluate_now,
         return json.load(f)
 
 
-def _log(writer, step, rows, data_iter, timer, names=()) -> None:
+def _flop_counter(config: ml_collections.ConfigDict):
+    """host batch -> model FLOPs (`flops_lib.step_flops`) of the step's global batch: this
+    host's rows times the number of hosts (every host packs rows of the same mixture)."""
+    trainable = optim.is_trainable_fn(config)
+    return lambda host_batch: jax.process_count() * flops_lib.step_flops(
+        config, host_batch, trainable=trainable)["model"]
+
+
+def _log(writer, step, rows, data_iter, timer, names=(), peak=None) -> None:
     """Writes the mean of each step metric since the last log, per dataset (`names`: the
     sorted dataset names) its losses and token counts, the mean slice fill, the data counters
-    and rates."""
+    and rates: per device, tokens/s, model TFLOP/s and with a known `peak` (FLOP/s per
+    device) the MFU."""
     scalars = {f"train/{k}": float(np.mean([r[k] for r in rows])) for k in rows[-1]
                if k not in ("per_dataset", "fill")}
     per_dataset = metrics.dataset_scalars(names, [r["per_dataset"] for r in rows])
@@ -347,6 +361,8 @@ def _log(writer, step, rows, data_iter, timer, names=()) -> None:
         scalars[f"train/{k}"] = float(rows[-1][k])
     scalars["train/step_time_s"] = 1.0 / max(timer.rates()["steps_per_s"], 1e-9)
     scalars["train/tokens_per_s"] = timer.rates()["tokens_per_s"]
+    for k, v in timer.per_device(jax.device_count(), peak).items():
+        scalars[f"train/{k}"] = v
     for reason, count in data_iter.skipped.items():
         scalars[f"data/skipped_{reason}"] = count
     writer.write(step, scalars)
