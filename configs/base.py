@@ -143,6 +143,11 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.train.weight_decay = 0.0  # decoupled, on weight matrices only (training/optim.py)
     c.train.grad_clip = 1.0  # global norm; 0 = off
     c.train.ema_decay = 0.9999  # EMA of the trainable parameters; 0 = no EMA kept
+    # Memory levers (training/optim.py; benchmarks/aot.py measures them): Adam's moments in
+    # "float32" or "bfloat16" (half their memory); the EMA on the "device" or in pinned "host"
+    # memory (off the accelerator, brought over for its update).
+    c.train.optimizer_state_dtype = "float32"
+    c.train.ema_memory = "device"
     # Micro-batches per step: the global batch is split k ways, gradients are summed over the
     # same global normalisers, so the step equals the full-batch step.
     c.train.grad_accum = 1

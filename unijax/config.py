@@ -135,6 +135,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
 
 
 SCHEDULES = ("constant", "cosine", "linear")
+OPTIMIZER_STATE_DTYPES = ("float32", "bfloat16")
+EMA_MEMORIES = ("device", "host")
+BF16_MIN_MOMENT_RATE = 1 / 128
 RENORM_MODES = ("global", "channel", "text_channel")
 
 
@@ -237,6 +240,21 @@ def _validate_train(config, check) -> None:
           f"{train.get('min_lr')}")
     for name in ("b1", "b2"):
         check(0 <= train[name] < 1, f"config.train.{name} must be in [0, 1), got {train[name]}")
+    state_dtype = train.get("optimizer_state_dtype", "float32")
+    check(state_dtype in OPTIMIZER_STATE_DTYPES,
+          f"config.train.optimizer_state_dtype must be one of {OPTIMIZER_STATE_DTYPES}, got "
+          f"{state_dtype!r}")
+    if state_dtype == "bfloat16":
+        # A bf16 moment moves by (1 - b) x its gap to the new value; below bf16's resolution
+        # (2^-8 relative) that step rounds away and the moment stops following the gradients.
+        for name in ("b1", "b2"):
+            check(1 - train[name] >= BF16_MIN_MOMENT_RATE,
+                  f"config.train.{name}={train[name]} is too close to 1 for "
+                  f"config.train.optimizer_state_dtype='bfloat16' (1 - {name} must be >= "
+                  f"{BF16_MIN_MOMENT_RATE}); keep the moments in float32")
+    check(train.get("ema_memory", "device") in EMA_MEMORIES,
+          f"config.train.ema_memory must be one of {EMA_MEMORIES}, got "
+          f"{train.get('ema_memory')!r}")
     check(train.eps > 0, f"config.train.eps must be positive, got {train.eps}")
     for name in ("weight_decay", "grad_clip", "z_loss_weight", "max_nonfinite_steps",
                  "eval_every"):

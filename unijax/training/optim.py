@@ -19,6 +19,16 @@ decoupled `weight_decay` on weight matrices only: no decay on biases, norm scale
 embedding tables) at the scheduled learning rate -> the per-parameter multipliers. Schedule:
 linear warmup from 0 over `warmup_steps`, then `schedule` = constant (BAGEL's default) |
 cosine | linear down to `min_lr` at `steps`.
+
+Memory levers (`config.train`):
+  optimizer_state_dtype  "float32" (default) | "bfloat16": Adam's two moments are stored in
+                         bf16 between steps (half their memory) and computed in float32
+                         inside the update (`stored_in`). optax's own `mu_dtype` covers only
+                         the first moment; bf16 resolution (2^-8) needs 1 - b1 and 1 - b2 of
+                         at least 1/128, or the moments stop moving (config.py checks it).
+  ema_memory             "device" (default) | "host": the EMA lives in pinned host memory
+                         (`state.py` places it); `ema_update` brings it to the device for the
+                         update, and the step's output shardings put it back.
 """
 
 from __future__ import annotations
@@ -32,9 +42,12 @@ import ml_collections
 import optax
 from flax import nnx
 
+from unijax import config as config_lib
 from unijax.models import mot
 
 SCHEDULES = ("constant", "cosine", "linear")
+OPTIMIZER_STATE_DTYPES = config_lib.OPTIMIZER_STATE_DTYPES
+HOST_MEMORY_KIND = "pinned_host"  # what `ema_memory="host"` places the EMA in
 
 
 def path_name(path) -> str:
@@ -139,6 +152,44 @@ def multiplier_labels(config: ml_collections.ConfigDict, params: Mapping) -> Map
     return jax.tree_util.tree_map_with_path(label, params)
 
 
+def stored_in(inner: optax.GradientTransformation,
+              dtype: jnp.dtype) -> optax.GradientTransformation:
+    """`inner` with its floating-point state kept in `dtype` between steps: the state is cast
+    to float32 for `inner.update` and its new state rounded back to `dtype` (integer leaves,
+    e.g. Adam's count, are left alone). The updates themselves stay float32."""
+    def cast(tree, to):
+        return jax.tree.map(
+            lambda x: x.astype(to) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+    def init(params):
+        return cast(inner.init(params), dtype)
+
+    def update(updates, state, params=None):
+        updates, state = inner.update(updates, cast(state, jnp.float32), params)
+        return updates, cast(state, dtype)
+
+    return optax.GradientTransformation(init, update)
+
+
+def _adamw(config: ml_collections.ConfigDict, params: Mapping) -> optax.GradientTransformation:
+    """optax.adamw, with its moments stored in `config.train.optimizer_state_dtype`."""
+    train = config.train
+    schedule, mask = learning_rate_schedule(config), decay_mask(params)
+    state_dtype = train.get("optimizer_state_dtype", "float32")
+    if state_dtype not in OPTIMIZER_STATE_DTYPES:
+        raise ValueError(f"config.train.optimizer_state_dtype must be one of "
+                         f"{OPTIMIZER_STATE_DTYPES}, got {state_dtype!r}")
+    if state_dtype == "float32":
+        return optax.adamw(schedule, b1=train.b1, b2=train.b2, eps=train.eps,
+                           weight_decay=train.weight_decay, mask=mask)
+    # optax.adamw's own chain, its Adam moments stored in bf16: same state structure.
+    return optax.chain(
+        stored_in(optax.scale_by_adam(b1=train.b1, b2=train.b2, eps=train.eps),
+                  jnp.dtype(state_dtype)),
+        optax.add_decayed_weights(train.weight_decay, mask),
+        optax.scale_by_learning_rate(schedule))
+
+
 def make_optimizer(config: ml_collections.ConfigDict,
                    params: Mapping) -> optax.GradientTransformation:
     """The optax update of the trainable `params` (a pure dict, arrays or abstract)."""
@@ -146,9 +197,7 @@ def make_optimizer(config: ml_collections.ConfigDict,
     parts = []
     if train.grad_clip > 0:
         parts.append(optax.clip_by_global_norm(train.grad_clip))
-    parts.append(optax.adamw(learning_rate_schedule(config), b1=train.b1, b2=train.b2,
-                             eps=train.eps, weight_decay=train.weight_decay,
-                             mask=decay_mask(params)))
+    parts.append(_adamw(config, params))
     if _multipliers(config):
         labels = multiplier_labels(config, params)
         factors = sorted(set(jax.tree.leaves(labels)))
@@ -156,9 +205,27 @@ def make_optimizer(config: ml_collections.ConfigDict,
     return optax.chain(*parts)
 
 
-def ema_update(ema: Mapping, params: Mapping, decay: float) -> Mapping:
-    """ema <- decay * ema + (1 - decay) * params (BAGEL: 0.9999 after every update)."""
-    return optax.incremental_update(params, ema, step_size=1.0 - decay)
+def ema_update(ema: Mapping, params: Mapping, decay: float,
+               finite: jax.Array | None = None) -> Mapping:
+    """ema <- decay * ema + (1 - decay) * params (BAGEL: 0.9999 after every update); with
+    `finite` (a traced bool) the old EMA is kept where it is False.
+
+    Inside a jitted step, EMA leaves placed in host memory (`config.train.ema_memory="host"`)
+    are brought to the device first; the result is a device array (the step's output sharding
+    returns it to the host), since XLA computes only on operands of one memory space.
+    """
+    ema = jax.tree.map(_to_device, ema)
+    new = optax.incremental_update(params, ema, step_size=1.0 - decay)
+    if finite is None:
+        return new
+    return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, ema)
+
+
+def _to_device(x: jax.Array) -> jax.Array:
+    space = getattr(jax.typeof(x), "memory_space", None)
+    if space is not None and space == jax.memory.Space.Host:
+        return jax.device_put(x, jax.memory.Space.Device)
+    return x
 
 
 def global_norm(tree) -> jax.Array:

@@ -9,8 +9,10 @@ TrainState (a pytree, what a checkpoint holds):
   step        int32 []          optimizer steps taken (skipped non-finite steps included)
   params      dict              the trainable parameters (pure dict of arrays, `nnx` paths)
   frozen      dict              every other weight: frozen parameters and the VAE
-  opt_state   optax state       moments of `params` only
-  ema         dict | None       EMA of `params` (None when config.train.ema_decay == 0)
+  opt_state   optax state       moments of `params` only (float32, or bfloat16 with
+                                config.train.optimizer_state_dtype)
+  ema         dict | None       EMA of `params` (None when config.train.ema_decay == 0); in
+                                pinned host memory with config.train.ema_memory="host"
   rng         uint32 [2]        the run's base key (raw key data); step keys fold in the step
   nonfinite   int32 [2]         non-finite steps skipped in total, and in a row now
 
@@ -102,17 +104,24 @@ def _specs(specs: dict, shapes: dict) -> dict:
 
 
 def state_shardings(mesh: Mesh, spec: ModelSpec, tx: optax.GradientTransformation,
-                    abstract_state: TrainState) -> TrainState:
-    """The NamedSharding of every leaf of the train state on `mesh`."""
+                    abstract_state: TrainState, ema_memory: str = "device") -> TrainState:
+    """The NamedSharding of every leaf of the train state on `mesh`; the EMA's in pinned host
+    memory when `ema_memory` is "host" (config.train.ema_memory)."""
+    if ema_memory not in config_lib.EMA_MEMORIES:
+        raise config_lib.ConfigError(f"config.train.ema_memory must be one of "
+                                     f"{config_lib.EMA_MEMORIES}, got {ema_memory!r}")
     params = sharding.tree_shardings(mesh, spec.param_specs, spec.abstract_params)
     frozen = sharding.tree_shardings(mesh, spec.frozen_specs, spec.abstract_frozen)
     rep = sharding.replicated(mesh)
     opt = optax.tree_map_params(tx, lambda _, s: s, abstract_state.opt_state, params,
                                 transform_non_params=lambda _: rep,
                                 is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
-    return TrainState(step=rep, params=params, frozen=frozen, opt_state=opt,
-                      ema=None if abstract_state.ema is None else params, rng=rep,
-                      nonfinite=rep)
+    ema = None
+    if abstract_state.ema is not None:
+        ema = params if ema_memory == "device" else jax.tree.map(
+            lambda s: s.with_memory_kind(optim.HOST_MEMORY_KIND), params)
+    return TrainState(step=rep, params=params, frozen=frozen, opt_state=opt, ema=ema,
+                      rng=rep, nonfinite=rep)
 
 
 def init_state(config: ml_collections.ConfigDict, mesh: Mesh, spec: ModelSpec,
@@ -137,7 +146,7 @@ def init_state(config: ml_collections.ConfigDict, mesh: Mesh, spec: ModelSpec,
 
     with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.LOGICAL_RULES):
         abstract = jax.eval_shape(init)
-        shardings = state_shardings(mesh, spec, tx, abstract)
+        shardings = state_shardings(mesh, spec, tx, abstract, _ema_memory(config))
         state = jax.jit(init, out_shardings=shardings)()
     return state, shardings
 
@@ -153,7 +162,21 @@ def abstract_state(config: ml_collections.ConfigDict, mesh: Mesh, spec: ModelSpe
         ema=spec.abstract_params if use_ema else None,
         rng=jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))),
         nonfinite=jax.ShapeDtypeStruct((2,), jnp.int32))
-    shardings = state_shardings(mesh, spec, tx, shapes)
+    shardings = state_shardings(mesh, spec, tx, shapes, _ema_memory(config))
     target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                           shapes, shardings)
     return target, shardings
+
+
+def _ema_memory(config: ml_collections.ConfigDict) -> str:
+    return config.train.get("ema_memory", "device")
+
+
+def ema_weights(state: TrainState, shardings: TrainState) -> dict | None:
+    """The EMA as device arrays for evaluation and sampling (a copy on the parameters'
+    shardings when it lives in host memory), or None without an EMA."""
+    if state.ema is None:
+        return None
+    if jax.tree.leaves(shardings.ema)[0].memory_kind == optim.HOST_MEMORY_KIND:
+        return jax.device_put(state.ema, shardings.params)
+    return state.ema

@@ -100,14 +100,14 @@ def make_train_step(config: ml_collections.ConfigDict, spec: state_lib.ModelSpec
 
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        ema = None if state.ema is None else optim.ema_update(state.ema, params, decay)
+        ema = None if state.ema is None else optim.ema_update(state.ema, params, decay, finite)
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
         skipped = 1 - finite.astype(jnp.int32)
         nonfinite = jnp.stack([state.nonfinite[0] + skipped,
                                jnp.where(finite, 0, state.nonfinite[1] + 1)])
         new_state = state.replace(
             step=state.step + 1, params=keep(params, state.params),
-            opt_state=keep(opt_state, state.opt_state), ema=keep(ema, state.ema),
+            opt_state=keep(opt_state, state.opt_state), ema=ema,
             nonfinite=nonfinite)
         text, flow_total = (jnp.maximum(totals[k], 1e-6) for k in ("text_weight", "flow_weight"))
         step_metrics = {
@@ -255,7 +255,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
             if eval_every and done % eval_every == 0 and done != steps:
                 run_eval(done, state.params)
                 if judges.enabled:
-                    judges.samples(done, state.ema or state.params, state.frozen)
+                    judges.samples(done, state_lib.ema_weights(state, shardings) or
+                                   state.params, state.frozen)
             if ckpt.save(done, state, data_iter, config):
                 saved = done
             if guard.reached():
@@ -275,13 +276,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     # The report: held-out scores before and after, of the parameters and of their EMA.
     final = run_eval(last_step, state.params)
-    final_ema = run_eval(last_step, state.ema, "eval_ema") if state.ema is not None else None
+    ema = state_lib.ema_weights(state, shardings)  # on the device even when kept on the host
+    final_ema = run_eval(last_step, ema, "eval_ema") if ema is not None else None
     judged = None
     if judges.enabled:
-        judges.samples(last_step, state.ema or state.params, state.frozen)
-        judged = {"weights": "ema" if state.ema is not None else "params",
+        judges.samples(last_step, ema or state.params, state.frozen)
+        judged = {"weights": "ema" if ema is not None else "params",
                   "initial": initial_judged, "chance": judges.chance(),
-                  "final": judges.score(last_step, state.ema or state.params, state.frozen)}
+                  "final": judges.score(last_step, ema or state.params, state.frozen)}
     ckpt.close()
     writer.close()
     report = {"status": "done", "steps": last_step, "restored_from": restored_from,
