@@ -135,6 +135,9 @@ def cross_entropy_sums(hidden: jax.Array, targets: jax.Array, weights: jax.Array
         return jnp.concatenate([jnp.stack([jnp.sum(ce), jnp.sum(w * lse * lse),
                                            jnp.sum(w * correct)]), per_dataset(ce, ds, k)])
 
+    # The checkpoint wraps the cond as well: jax 0.10 otherwise keeps the branch's residuals
+    # (a chunk of logits per chunk) for the backward pass.
+    @jax.checkpoint
     def maybe_chunk_sums(xs):
         h, t, w, ds = xs
         return jax.lax.cond(jnp.any(w > 0), chunk_sums,
