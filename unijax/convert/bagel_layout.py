@@ -105,19 +105,11 @@ class Source:
     def to_official(self, w: np.ndarray) -> np.ndarray:
         """One unijax array (one layer's, when stacked) -> the official tensor."""
         kind = self.kind
-        if kind == "heads_in":
-            return w.reshape(w.shape[0], -1).T
-        if kind == "heads_bias":
-            return w.reshape(-1)
-        if kind == "heads_out":
-            return w.reshape(-1, w.shape[-1]).T
-        if kind == "transpose":
-            return w.T
         if kind == "conv":
             return w.transpose(3, 2, 0, 1)
         if kind == "conv1x1":
             return w.T[:, :, None, None]
-        return w
+        return qwen2._to_hf(w, kind)  # the LLM kinds: the Qwen2 converter's own inverse
 
 
 # --- the config ---------------------------------------------------------------------------
