@@ -170,7 +170,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     # Held-out evaluation on config.data.eval_datasets: CE and flow MSE at fixed times with
     # fixed noise (comparable across steps and runs); 0 = only at the start and the end.
     c.train.eval_every = 1000
-    c.train.eval_batches = 4
+    c.train.eval_batches = 4  # 0: no held-out evaluation (smoke runs)
     c.train.eval_timesteps = (0.25, 0.5, 0.75, 0.9)
     c.train.eval_seed = 1234
 

@@ -120,7 +120,7 @@ _BAD_TRAIN = [
     ("train.grad_accum", 3, "config.data.batch_size=8 is not divisible by "
                             "config.train.grad_accum=3"),
     ("train.ce_chunk_size", 0, "config.train.ce_chunk_size must be an int >= 1"),
-    ("train.eval_batches", 0, "config.train.eval_batches must be an int >= 1"),
+    ("train.eval_batches", -1, "config.train.eval_batches must be an int >= 0"),
     ("train.eval_timesteps", (0.5, 1.5), "config.train.eval_timesteps must be flow times in "
                                          "(0, 1]"),
     ("train.freeze", ("vit/.*", 3), "config.train.freeze must be a tuple of regex strings"),

@@ -53,11 +53,12 @@ def split_names(config: ml_collections.ConfigDict) -> tuple[str, ...]:
 
 
 def load_eval_batches(config: ml_collections.ConfigDict, mesh) -> list:
-    """Up to `config.train.eval_batches` global eval batches on `mesh` ([] without eval data).
+    """Up to `config.train.eval_batches` global eval batches on `mesh` ([] without eval data
+    or with eval_batches=0: no held-out evaluation).
 
     Every host reads its own shard of the eval data; all hosts stop at the same count.
     """
-    if not config.data.get("eval_datasets"):
+    if not config.data.get("eval_datasets") or int(config.train.eval_batches) == 0:
         return []
     eval_config = eval_data_config(config)
     iterator = pipeline.make_iterator(eval_config, seed=int(config.train.eval_seed))
