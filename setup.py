@@ -35,6 +35,7 @@ _TEST = [
     "matplotlib>=3.8",  # the notebooks' figures (tests/notebooks executes them)
     "scikit-image>=0.24",
     "safetensors>=0.4",
+    "filelock>=3.12",  # jax's compilation-cache lock, shared by the test workers (conftest.py)
 ]
 
 # The PyTorch reference stack for numerical parity tests. torch is pinned exactly: on Python 3.11

@@ -23,6 +23,10 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="unijax-jax-cache-")
     atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], True)
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    # A size cap turns on jax's file lock around each cache read and write. Without it, two
+    # workers that compile the same program both write its entry (truncate, then write), and a
+    # third process can read a half-written executable: a worker once aborted running one.
+    os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(32 << 30))
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
@@ -62,4 +66,18 @@ def trained(tmp_path_factory):
     shared by the inference, sampling and eval tests."""
     from tests.inference import trained as trained_lib
 
-    return trained_lib.train(tmp_path_factory)
+    return trained_lib.train(shared_directory(tmp_path_factory, "trained"))
+
+
+def shared_directory(tmp_path_factory, name: str):
+    """(directory, lock): a directory of this test session that every pytest-xdist worker
+    sees (the session's base temporary directory), and the file lock its builder holds, so
+    that what one worker builds there the others reuse. Without xdist: a fresh directory."""
+    import filelock
+
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        directory = tmp_path_factory.getbasetemp().parent / name
+        directory.mkdir(exist_ok=True)
+    else:
+        directory = tmp_path_factory.mktemp(name)
+    return directory, filelock.FileLock(str(directory) + ".lock")
