@@ -68,7 +68,7 @@ def _main_job(workdir, worlds_dir, *extra, wait=True):
     command = [sys.executable, "-m", "unijax.main", "--config=tests/training/small_config.py",
                f"--workdir={workdir}", f"--config.data.worlds.dir={worlds_dir}",
                f"--config.train.steps={STEPS}", "--config.checkpoint.every_steps=1",
-               "--config.checkpoint.max_to_keep=2", *extra]
+               "--config.checkpoint.max_to_keep=2", "--config.train.eval_batches=0", *extra]
     if not wait:
         return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)

@@ -17,7 +17,7 @@ import pytest
 from launch import local
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-STEPS = 12
+STEPS = 8
 
 
 def _free_port() -> int:
@@ -29,7 +29,7 @@ def _free_port() -> int:
 def _flags(workdir, worlds_dir) -> list[str]:
     return ["--config=tests/training/small_config.py", f"--workdir={workdir}",
             f"--config.data.worlds.dir={worlds_dir}", f"--config.train.steps={STEPS}",
-            "--config.checkpoint.every_steps=4"]
+            "--config.checkpoint.every_steps=4", "--config.train.eval_batches=0"]
 
 
 def _start(workdir, worlds_dir):
