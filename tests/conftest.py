@@ -66,18 +66,27 @@ def trained(tmp_path_factory):
     shared by the inference, sampling and eval tests."""
     from tests.inference import trained as trained_lib
 
-    return trained_lib.train(shared_directory(tmp_path_factory, "trained"))
+    return trained_lib.train(tmp_path_factory)
 
 
-def shared_directory(tmp_path_factory, name: str):
-    """(directory, lock): a directory of this test session that every pytest-xdist worker
-    sees (the session's base temporary directory), and the file lock its builder holds, so
-    that what one worker builds there the others reuse. Without xdist: a fresh directory."""
-    import filelock
+# The longest test files, longest first (their summed durations on 2 workers). pytest-xdist's
+# `--dist loadfile` hands files out in collection order as workers free up, so starting with
+# these keeps one worker from running a long file alone at the end.
+_LONGEST_FIRST = (
+    "tests/training/test_step.py",
+    "tests/training/test_checkpoint.py",
+    "tests/training/test_multihost.py",
+    "tests/test_main.py",
+    "tests/models/test_mot.py",
+    "tests/inference/test_chat.py",
+    "tests/training/test_memory_levers.py",
+    "tests/benchmarks/test_train_step.py",
+)
 
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        directory = tmp_path_factory.getbasetemp().parent / name
-        directory.mkdir(exist_ok=True)
-    else:
-        directory = tmp_path_factory.mktemp(name)
-    return directory, filelock.FileLock(str(directory) + ".lock")
+
+def pytest_collection_modifyitems(config, items):
+    del config
+    rank = {path: i for i, path in enumerate(_LONGEST_FIRST)}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    key = lambda item: rank.get(os.path.relpath(str(item.path), root), len(rank))
+    items.sort(key=key)  # stable: the rest keep their order

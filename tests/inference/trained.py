@@ -11,21 +11,14 @@ from unijax.training import train as train_lib
 STEPS = 3
 
 
-def train(shared) -> tuple[str, ml_collections.ConfigDict]:
+def train(tmp_path_factory) -> tuple[str, ml_collections.ConfigDict]:
     """(workdir, config): the small config trained STEPS steps on the 8 devices, a checkpoint
-    every step, the ViT frozen (so the checkpoint's `frozen` holds weights too). `shared` is
-    (directory, lock) from conftest.shared_directory: the first test worker to get there
-    trains, the others wait on the lock and reuse its checkpoint."""
-    directory, lock = shared
-    with lock:
-        worlds = helpers.write_small_worlds(str(directory / "worlds"))
-        config = helpers.small_config(worlds, **{
-            "train.steps": STEPS, "checkpoint.every_steps": 1, "checkpoint.max_to_keep": STEPS,
-            "train.freeze": ("vit/.*",), "train.warmup_steps": 0})
-        config.data.eval_datasets = ml_collections.ConfigDict()  # no evaluation: faster
-        workdir = directory / "workdir"
-        if not (directory / "DONE").exists():
-            workdir.mkdir(exist_ok=True)
-            assert train_lib.train(config, str(workdir))["status"] == "done"
-            (directory / "DONE").touch()
-    return str(workdir), config
+    every step, the ViT frozen (so the checkpoint's `frozen` holds weights too)."""
+    worlds = helpers.write_small_worlds(str(tmp_path_factory.mktemp("worlds")))
+    config = helpers.small_config(worlds, **{
+        "train.steps": STEPS, "checkpoint.every_steps": 1, "checkpoint.max_to_keep": STEPS,
+        "train.freeze": ("vit/.*",), "train.warmup_steps": 0})
+    config.data.eval_datasets = ml_collections.ConfigDict()  # no evaluation: faster
+    workdir = str(tmp_path_factory.mktemp("workdir"))
+    assert train_lib.train(config, workdir)["status"] == "done"
+    return workdir, config
