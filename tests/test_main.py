@@ -18,9 +18,9 @@ def _main(*args, tmp_path):
     )
 
 
-def test_tiny_job_trains_reports_and_resumes(tmp_path):
+def test_tiny_job_trains_and_reports(tmp_path):
     """The README's command on a few steps: worlds written, training logged, a checkpoint,
-    a report; the same command with more steps resumes from the checkpoint."""
+    a report with the judges' scores."""
     args = ("--config=configs/tiny.py", "--config.train.log_every=2",
             "--config.checkpoint.every_steps=4", "--config.train.eval_batches=1",
             "--config.judges.num_per_category=1", "--config.judges.num_digits=2",
@@ -50,12 +50,7 @@ def test_tiny_job_trains_reports_and_resumes(tmp_path):
         assert "accuracy" in judged[name]["generation"]["digits"]
     assert "gen shapes/colors" in result.stdout
     assert (tmp_path / "judges_step0.json").exists()
-
-    result = _main(*args, "--config.train.steps=6", tmp_path=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "restored from step 4" in result.stdout and "report: 6 steps" in result.stdout
-    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows if "train/loss" in r] == [2, 4, 6]
+    # Resuming the same command is tested on the small config (tests/training/test_checkpoint).
 
 
 @pytest.mark.parametrize("override,message", [
