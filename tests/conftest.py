@@ -25,7 +25,7 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
     # A size cap turns on jax's file lock around each cache read and write. Without it, two
     # workers that compile the same program both write its entry (truncate, then write), and a
-    # third process can read a half-written executable: a worker once aborted running one.
+    # third process can read a half-written executable (the likely cause of a worker's abort).
     os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(32 << 30))
 
 import jax  # noqa: E402

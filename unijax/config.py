@@ -260,13 +260,12 @@ def _validate_train(config, check) -> None:
                  "eval_every"):
         if name in train:
             check(train[name] >= 0, f"config.train.{name} must be >= 0, got {train[name]}")
-    for name in ("grad_accum", "ce_chunk_size", "log_every"):
+    # eval_batches may be 0: no held-out evaluation.
+    for name, low in (("grad_accum", 1), ("ce_chunk_size", 1), ("log_every", 1),
+                      ("eval_batches", 0)):
         if name in train:
-            check(isinstance(train[name], int) and train[name] >= 1,
-                  f"config.train.{name} must be an int >= 1, got {train[name]!r}")
-    if "eval_batches" in train:  # 0: no held-out evaluation
-        check(isinstance(train.eval_batches, int) and train.eval_batches >= 0,
-              f"config.train.eval_batches must be an int >= 0, got {train.eval_batches!r}")
+            check(isinstance(train[name], int) and train[name] >= low,
+                  f"config.train.{name} must be an int >= {low}, got {train[name]!r}")
     accum = train.get("grad_accum", 1)
     if isinstance(accum, int) and accum >= 1:
         check(config.data.batch_size % accum == 0,
