@@ -18,6 +18,7 @@ _CORE = [
     "orbax-checkpoint>=0.11.20",
     "pillow>=10.0",
     "pyarrow>=15.0",
+    "qwix>=0.1.8",  # int8 weight-only sampling (unijax.inference.quantize)
     "scikit-learn>=1.5",
     "scipy>=1.11",
     "tensorboardX>=2.6",

@@ -10,6 +10,18 @@ hidden 3584, 28 layers, 28 query / 4 KV heads of 128, SwiGLU 18944, vocab 152064
 RMSNorm eps 1e-6, QK-norm on, untied LM head; 26 SigLIP layers are used (vit_select_layer=-2);
 latent patch 2 over the 16-channel FLUX latent, max_latent_size 64 (1024 px).
 `get_config("runlocal")` keeps the structure but shrinks everything to a CPU smoke test.
+
+Fine-tuning the released model (converted first: `python -m unijax.convert.bagel --src=BAGEL
+--dst=DIR`), BAGEL's fine-tune recipe (TRAIN.md: from the EMA, lr 2e-5, ~11.5k-token rows):
+
+  python -m unijax.main --config=configs/bagel_7b_mot.py:finetune --workdir=RUN \
+      --config.init.checkpoint=DIR [--config.init.checkpoint_weights=params]
+
+and with LoRA adapters instead of full weights (rank 16 on the gen expert's attention and MLP;
+only the adapters train and are saved, `--config.model.llm.lora_experts=und,gen` adapts both):
+
+  python -m unijax.main --config=configs/bagel_7b_mot.py:lora --workdir=RUN \
+      --config.init.checkpoint=DIR
 """
 
 import ml_collections
@@ -37,6 +49,29 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.mesh.data = 1
     c.mesh.fsdp = -1
     c.mesh.tensor = 1
+
+    if arg in ("finetune", "lora"):
+        c.init.required = True  # a fine-tune without config.init.checkpoint is a config error
+        c.init.checkpoint_weights = "ema"  # BAGEL's finetune_from_ema
+        c.train.lr = 2e-5
+        c.train.warmup_steps = 500
+        c.train.steps = 20_000
+        # BAGEL's fine-tune rows (max_num_tokens 11,520), split as the capacity planner's
+        # proportions for the full rows above (und 37.5%, gen 62.5%).
+        c.data.und_capacity = 4352
+        c.data.gen_capacity = 7168
+        c.data.max_vit_patches = 4096
+        c.data.max_vae_images = 4
+        c.data.batch_size = 64
+    if arg == "lora":
+        c.model.llm.lora_rank = 16
+        c.model.llm.lora_alpha = 16.0
+        c.model.llm.lora_experts = ("gen",)
+        c.train.lr = 1e-4  # adapters start at zero and take a larger step than full weights
+        c.train.ema_decay = 0.999
+    if arg not in (None, "", "runlocal", "finetune", "lora"):
+        raise ValueError(f"configs/bagel_7b_mot.py: unknown variant {arg!r} (runlocal, "
+                         "finetune, lora)")
 
     if arg == "runlocal":
         llm = c.model.llm

@@ -51,6 +51,14 @@ def get_base_config() -> ml_collections.ConfigDict:
     llm.init_gen_from_und = True
     llm.scan_layers = True
     llm.remat_policy = "none"  # none | full | save_dots
+    # LoRA (unijax/models/lora.py): rank 0 = none. With a rank, adapters sit on `lora_targets`
+    # of the `lora_experts` (e.g. only the gen expert's attention and MLP), only they train and
+    # only they are saved; the frozen base is `config.init.checkpoint`'s weights.
+    llm.lora_rank = 0
+    llm.lora_alpha = 16.0  # the update is alpha / rank * (x A) B
+    llm.lora_experts = ("gen",)
+    llm.lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                        "down_proj")
 
     c.model.vit = None  # a ConfigDict (see configs/bagel_7b_mot.py) or None: no understanding tower
     c.model.vae = None  # a ConfigDict or None: generate in pixel space (patches of raw pixels)
@@ -187,6 +195,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.init.checkpoint_step = -1  # -1: its newest complete checkpoint
     # ema (BAGEL's finetune_from_ema) | params (resume_model_only); the optimizer starts fresh.
     c.init.checkpoint_weights = "ema"
+    c.init.required = False  # True: a run with no source above is a config error (fine-tunes)
 
     # --- checkpointing -----------------------------------------------------------------------
     # Orbax: train state (sharded, each host writes its shards), data iterator, config JSON.

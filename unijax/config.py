@@ -94,6 +94,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
           f"config.model.llm.remat_policy must be one of {REMAT_POLICIES}, "
           f"got {llm.remat_policy!r}")
     check(llm.rope_theta > 0, f"config.model.llm.rope_theta must be positive, got {llm.rope_theta}")
+    _validate_lora(config, check)
     for name in ("dtype", "param_dtype"):
         check(config.model[name] in DTYPES,
               f"config.model.{name} must be one of {DTYPES}, got {config.model[name]!r}")
@@ -146,12 +147,44 @@ INIT_VIT_TYPES = ("siglip_vision_model", "siglip")
 INIT_WEIGHTS = ("ema", "params")
 
 
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _validate_lora(config, check) -> None:
+    llm = config.model.llm
+    rank = llm.get("lora_rank", 0)
+    check(isinstance(rank, int) and rank >= 0,
+          f"config.model.llm.lora_rank must be an integer >= 0 (0: no LoRA), got {rank!r}")
+    if not isinstance(rank, int) or rank <= 0:
+        return
+    experts = ("und", "gen")[:llm.num_experts]
+    check(llm.lora_alpha > 0, f"config.model.llm.lora_alpha must be positive, got "
+                              f"{llm.lora_alpha}")
+    check(bool(llm.lora_experts) and set(llm.lora_experts) <= set(experts),
+          f"config.model.llm.lora_experts={tuple(llm.lora_experts)} must name experts of "
+          f"{experts}")
+    check(bool(llm.lora_targets) and set(llm.lora_targets) <= set(LORA_TARGETS),
+          f"config.model.llm.lora_targets={tuple(llm.lora_targets)} must name projections of "
+          f"{LORA_TARGETS}")
+    check(not (llm.freeze_und_expert and "und" in llm.lora_experts),
+          "config.model.llm.lora_experts includes 'und' while freeze_und_expert=True stops "
+          "every gradient at the und expert: its adapters would never train")
+    check(bool(config.init.get("checkpoint")),
+          "config.model.llm.lora_rank > 0 adapts a base model: set config.init.checkpoint to "
+          "the base's workdir or checkpoint directory (LoRA checkpoints hold only the "
+          "adapters, the base is read from there)")
+
+
 def _validate_init(config, check) -> None:
     """`config.init` (training/init.py): the sources exist and are of a known kind (the paths
     are ConfigDict string fields, "" = none)."""
     init = config.get("init")
     if init is None:
         return
+    check(not init.get("required", False) or any(init.get(f, "") for f in
+                                                 ("checkpoint", "llm", "vit", "vae")),
+          "config.init.required=True (a fine-tuning config) but no source is set: pass "
+          "--config.init.checkpoint=DIR (a converted BAGEL or a unijax run)")
     from unijax.convert.safetensors_io import safetensors_files  # numpy only, no jax
 
     def hf_dir(field: str, key: str, known: tuple[str, ...]) -> None:

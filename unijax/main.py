@@ -92,6 +92,12 @@ def dry_run(config) -> int:
           flush=True)
     print(param_count.format_breakdown([("llm (MoT decoder)", decoder), *towers]), flush=True)
     print(f"frozen VAE weights (not trained, not counted above): {frozen_vae:,}", flush=True)
+    if decoder_config.lora_rank:
+        adapters = sum(int(x.size) for x in jax.tree.leaves(param_count.abstract_params(
+            lambda: mot.MoTDecoder(decoder_config, rngs=nnx.Rngs(0)), nnx.LoRAParam)))
+        print(f"LoRA adapters (rank {decoder_config.lora_rank} on "
+              f"{'+'.join(decoder_config.lora_experts)}; what trains, counted above): "
+              f"{adapters:,}", flush=True)
     return 0
 
 

@@ -46,6 +46,8 @@ _CFG_IMAGE = flags.DEFINE_float("cfg_image", None, "Image guidance scale.")
 _CFG_INTERVAL = flags.DEFINE_list("cfg_interval", None, "Guidance interval lo,hi (shifted t).")
 _SIZE = flags.DEFINE_list("size", None, "Generated image H,W in pixels (default: config's).")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+_QUANTIZE = flags.DEFINE_enum("quantize", None, ["int8"], "Weight-only quantised decoder "
+                              "kernels (unijax.inference.quantize).")
 _MESH = flags.DEFINE_list("mesh", None, "data,fsdp,tensor sizes to shard the weights over the "
                           "local devices (default: one device).")
 _MAX_TOKENS = flags.DEFINE_integer("max_new_tokens", None,
@@ -79,7 +81,8 @@ def run(argv=None) -> dict:
         sizes = [int(x) for x in _MESH.value]
         mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(zip(sharding.MESH_AXES, sizes))))
     chat = Chat.from_workdir(_WORKDIR.value, step=_STEP.value, weights=_WEIGHTS.value,
-                             mesh=mesh, rules=sharding.LOGICAL_RULES if mesh else None)
+                             mesh=mesh, rules=sharding.LOGICAL_RULES if mesh else None,
+                             quantize=_QUANTIZE.value)
     print(f"loaded step {chat.info['step']} ({chat.info['weights']} weights) from "
           f"{chat.info['checkpoint']}", flush=True)
     out_dir = _OUT.value or os.path.join(_WORKDIR.value, "samples")

@@ -9,7 +9,8 @@ fixed sin-cos tables recomputed), `ae.safetensors` (FLUX names), `llm_config.jso
 the same names, shapes, dtypes and bits. For another run the JSONs are made from its config
 and each tensor keeps its saved dtype (`dtype` casts them all). Each weight is restored from
 Orbax alone (a partial restore of one array), converted and appended to the file before the
-next is read.
+next is read. A LoRA run's workdir is first merged (its base from `config.init.checkpoint`
+plus its adapters, `convert.merge_lora`) into a temporary checkpoint, which is then exported.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import tempfile
 
 import jax
 import numpy as np
@@ -89,6 +91,24 @@ def official_jsons(config, dtype: str) -> tuple[dict, dict]:
     return llm_json, vit_json
 
 
+def _merged_to_official(config, src: str, dst: str, **kwargs) -> dict:
+    """`to_official` of a LoRA run: merged into a temporary checkpoint first (the base's
+    `official.json`, when it has one, keeps the released dtypes)."""
+    from unijax.convert import merge_lora
+
+    os.makedirs(dst, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dst, prefix=".merged_") as tmp:
+        merged = merge_lora.write_merged(src, tmp, step=kwargs["step"],
+                                         weights=kwargs["weights"])
+        base_meta = _meta(str(config.init.checkpoint))
+        if base_meta is not None:
+            with open(os.path.join(tmp, layout.OFFICIAL_META), "w") as f:
+                json.dump(base_meta, f)
+        logging.info("to_official: merged the LoRA adapters of %s into %s", src,
+                     merged["checkpoint"])
+        return to_official(tmp, dst, step=kwargs["step"], weights="ema", dtype=kwargs["dtype"])
+
+
 def _meta(src: str) -> dict | None:
     for directory in (src, os.path.dirname(os.path.abspath(src))):
         file = os.path.join(directory, layout.OFFICIAL_META)
@@ -114,6 +134,8 @@ def to_official(src: str, dst: str, *, step: int | None = None, weights: str = "
       ValueError: listing what BAGEL cannot represent, or weights the checkpoint lacks.
     """
     config, step = load_lib.load_config(src, step)
+    if config.model.llm.get("lora_rank", 0):
+        return _merged_to_official(config, src, dst, step=step, weights=weights, dtype=dtype)
     where = f"unijax checkpoint {src} (step {step})"
     raise_problems(where, representable(config))
     meta = _meta(src)

@@ -76,12 +76,18 @@ class Chat:
 
     @classmethod
     def from_workdir(cls, workdir: str, *, step: int | None = None, weights: str = "ema",
-                     mesh=None, rules=None, **kwargs) -> Chat:
-        """The model of a training workdir's checkpoint (see `inference.load.load_model`)."""
+                     mesh=None, rules=None, quantize: str | None = None, **kwargs) -> Chat:
+        """The model of a training workdir's checkpoint (see `inference.load.load_model`; a
+        LoRA run's adapters are merged into its base), its decoder kernels int8 with
+        `quantize="int8"` (`inference.quantize`)."""
         from unijax.inference import load
+        from unijax.inference import quantize as quantize_lib
 
         model, config, info = load.load_model(workdir, step=step, weights=weights, mesh=mesh,
-                                              rules=rules)
+                                              rules=rules, merge_lora=True)
+        if quantize:
+            model = quantize_lib.quantize_weights(model, quantize)
+            info["quantize"] = quantize
         chat = cls(model, config, mesh=mesh, rules=rules, **kwargs)
         chat.info = info
         return chat

@@ -19,6 +19,11 @@ that does not fit one device is placed sharded. The mesh placement follows the p
 logical axis names and the `rules` table the model was trained with (the trainer's
 `unijax.training.sharding.LOGICAL_RULES`, which this layer may not import: callers pass it).
 Run the model under `jax.set_mesh(mesh)` and `nnx.logical_axis_rules(rules)`.
+
+A LoRA run's checkpoints hold only the adapters (`config.model.llm.lora_rank > 0`, no `frozen`
+item): the base weights are read from the run's `config.init.checkpoint` (its step and
+`checkpoint_weights`), the adapters from the LoRA checkpoint, and `merge_lora=True` folds them
+into the kernels (`unijax.models.lora`; the returned config then has `lora_rank = 0`).
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from etils import epath
 from flax import nnx, traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 
-from unijax.models import unified
+from unijax.models import lora, unified
 
 WEIGHTS = ("ema", "params")
 TRAIN_HINT = "train first: python -m unijax.main --config=configs/tiny.py --workdir=WORKDIR"
@@ -73,7 +78,7 @@ def load_config(workdir_or_ckpt_dir: str,
 
 def load_model(workdir: str, *, step: int | None = None, weights: str = "ema",
                mesh: Mesh | None = None, rules: Rules | None = None, dtype: Any = None,
-               overrides: Mapping[str, Any] | None = None,
+               overrides: Mapping[str, Any] | None = None, merge_lora: bool = False,
                ) -> tuple[unified.UnifiedModel, ml_collections.ConfigDict, dict]:
     """The UnifiedModel of a checkpoint, holding its EMA (or trained) and frozen weights.
 
@@ -124,7 +129,12 @@ def load_model(workdir: str, *, step: int | None = None, weights: str = "ema",
         logical = traverse_util.flatten_dict(
             nnx.to_pure_dict(nnx.get_partition_spec(state)))
         items = (weights, "frozen")
-        targets = _match(shapes, {item: saved.get(item) or {} for item in items},
+        base = {}
+        if config.model.llm.get("lora_rank", 0) and not saved.get("frozen"):
+            base = _lora_base(config, mesh, rules, dtype)  # adapters-only: the base from init
+            items = (weights,)
+        targets = _match({p: s for p, s in shapes.items() if p not in base},
+                         {item: saved.get(item) or {} for item in items},
                          manager.directory / str(step))
 
         def target(path):
@@ -147,15 +157,36 @@ def load_model(workdir: str, *, step: int | None = None, weights: str = "ema",
     finally:
         manager.close()
 
-    pure = {}
+    pure = dict(base)
     for item in items:
         pure.update(traverse_util.flatten_dict(restored.get(item) or {}))
     nnx.replace_by_pure_dict(state, traverse_util.unflatten_dict(pure))
     model = nnx.merge(graphdef, state)
     info = {"step": step, "weights": weights, "checkpoint": str(manager.directory / str(step)),
             "dtype": None if dtype is None else str(jnp.dtype(dtype)), "restored": items}
+    if base:
+        info["base"] = str(config.init.checkpoint)
+    if merge_lora and config.model.llm.get("lora_rank", 0):
+        model, config = lora.merge_model(model, config)
+        info["merged_lora"] = True
     logging.info("load_model: %s weights of step %d from %s", weights, step, info["checkpoint"])
     return model, config, info
+
+
+def _lora_base(config: ml_collections.ConfigDict, mesh: Mesh | None, rules: Rules | None,
+               dtype: Any) -> dict:
+    """The base weights of a LoRA run ({path tuple: array}), read from its
+    `config.init.checkpoint` as its trainer read them."""
+    init = config.init
+    if not init.get("checkpoint"):
+        raise ValueError("load_model: this LoRA checkpoint holds only adapters and its config "
+                         "names no base (config.init.checkpoint is empty)")
+    step = int(init.get("checkpoint_step", -1))
+    base, _, info = load_model(str(init.checkpoint), step=None if step < 0 else step,
+                               weights=str(init.get("checkpoint_weights", "ema")), mesh=mesh,
+                               rules=rules, dtype=dtype)
+    logging.info("load_model: LoRA base from %s", info["checkpoint"])
+    return traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(base)))
 
 
 def mesh_spec(logical: Sequence[str | None], shape: Sequence[int], mesh: Mesh,

@@ -1,5 +1,9 @@
 """Building blocks of the unijax transformers: RMSNorm, RoPE, projections, SwiGLU, embedding.
 
+A `Dense` can carry a low-rank adapter (`lora_rank > 0`: an `nnx.LoRA` beside the kernel, whose
+`nnx.LoRAParam`s are what a LoRA run trains) and its kernel can be an int8 `qwix.QArray`
+(weight-only quantised sampling, `unijax.inference.quantize`).
+
 Every parameter is created by `sharded_param`, which attaches logical axis names
 (`embed`, `mlp`, `heads`, `kv_heads`, `head_dim`, `vocab`, `norm`, ...; the table that maps
 them to mesh axes is `unijax.training.sharding.LOGICAL_RULES`). Modules compute in `dtype`
@@ -14,6 +18,7 @@ from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import qwix
 from flax import nnx
 from flax.core import spmd as flax_spmd
 
@@ -104,6 +109,11 @@ class Dense(nnx.Module):
     The kernel has shape (*in_features, *out_features), so a per-head projection keeps heads
     as their own (shardable) axis: q_proj is [embed, heads, head_dim], o_proj is
     [heads, head_dim, embed].
+
+    With `lora_rank > 0` the output gains `lora_alpha / lora_rank * (x A) B`, an `nnx.LoRA` on
+    the flattened axes (A [prod(in), r], B [r, prod(out)], B zero at init so the adapted layer
+    starts equal to the base). A kernel that is a `qwix.QArray` (int8 values with per-output
+    channel scales) is multiplied through `qwix.dot_general`.
     """
 
     def __init__(
@@ -118,6 +128,8 @@ class Dense(nnx.Module):
         param_dtype: jnp.dtype,
         rngs: nnx.Rngs,
         kernel_init: Initializer = default_init,
+        lora_rank: int = 0,
+        lora_alpha: float = 1.0,
     ):
         self.num_in = len(in_features)
         self.dtype = dtype
@@ -125,25 +137,54 @@ class Dense(nnx.Module):
                                     (*in_axes, *out_axes), param_dtype)
         self.bias = (sharded_param(nnx.initializers.zeros, None, tuple(out_features),
                                    tuple(out_axes), param_dtype) if use_bias else None)
+        adapter, self.lora_scale = None, 0.0
+        if lora_rank > 0:
+            # Adapters are small: replicated (the stacked-layers transform adds its axis name).
+            axes = {"out_sharding": (None, None),
+                    "eager_sharding": bool(nnx.using_eager_sharding()) and _mesh_is_set()}
+            adapter = nnx.LoRA(math.prod(in_features), int(lora_rank), math.prod(out_features),
+                               dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                               a_metadata=axes, b_metadata=axes)
+            self.lora_scale = float(lora_alpha) / int(lora_rank)
+        self.lora = adapter
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x [..., *in_features] -> [..., *out_features] in `dtype`."""
-        y = jnp.tensordot(x.astype(self.dtype), self.kernel[...].astype(self.dtype),
-                          axes=self.num_in)
+        x = x.astype(self.dtype)
+        kernel = self.kernel[...]
+        if isinstance(kernel, qwix.QArray):
+            contract = tuple(range(x.ndim - self.num_in, x.ndim))
+            y = qwix.dot_general(x, kernel.astype(self.dtype),
+                                 ((contract, tuple(range(self.num_in))), ((), ())))
+            y = y.astype(self.dtype)
+        else:
+            y = jnp.tensordot(x, kernel.astype(self.dtype), axes=self.num_in)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
+        if self.lora is not None:
+            lead = x.shape[:x.ndim - self.num_in]
+            delta = self.lora(x.reshape(*lead, -1)).reshape(y.shape)
+            y = y + (self.lora_scale * delta).astype(self.dtype)
         return y
 
 
 class SwiGLU(nnx.Module):
-    """Gated MLP: down(silu(gate(x)) * up(x)), no biases (Qwen2 / LLaMA)."""
+    """Gated MLP: down(silu(gate(x)) * up(x)), no biases (Qwen2 / LLaMA).
+
+    `lora` maps projection names ("gate_proj", "up_proj", "down_proj") to (rank, alpha) for the
+    ones that carry an adapter.
+    """
 
     def __init__(self, dim: int, hidden: int, *, dtype: jnp.dtype, param_dtype: jnp.dtype,
-                 rngs: nnx.Rngs):
+                 rngs: nnx.Rngs, lora: dict[str, tuple[int, float]] | None = None):
         common = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.gate_proj = Dense((dim,), (hidden,), in_axes=("embed",), out_axes=("mlp",), **common)
-        self.up_proj = Dense((dim,), (hidden,), in_axes=("embed",), out_axes=("mlp",), **common)
-        self.down_proj = Dense((hidden,), (dim,), in_axes=("mlp",), out_axes=("embed",), **common)
+        adapter = lambda name: dict(zip(("lora_rank", "lora_alpha"), (lora or {}).get(name, ())))
+        self.gate_proj = Dense((dim,), (hidden,), in_axes=("embed",), out_axes=("mlp",),
+                               **common, **adapter("gate_proj"))
+        self.up_proj = Dense((dim,), (hidden,), in_axes=("embed",), out_axes=("mlp",), **common,
+                             **adapter("up_proj"))
+        self.down_proj = Dense((hidden,), (dim,), in_axes=("mlp",), out_axes=("embed",),
+                               **common, **adapter("down_proj"))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x [..., dim] -> [..., dim]."""

@@ -44,6 +44,13 @@ Parameter tree (N = num_layers; stacked layers carry a leading `layers` axis):
   final_norm.{und,gen}.scale                  [D]
   lm_head.kernel                              [D, V]               (absent with tie_embeddings)
 
+LoRA (`lora_rank > 0`): every projection named in `lora_targets` of every expert named in
+`lora_experts` carries an `nnx.LoRA` adapter, `<proj>.lora.lora_a` [N, prod(in), r] and
+`<proj>.lora.lora_b` [N, r, prod(out)] (`nnx.LoRAParam`s; e.g. q_proj: [N, D, r], [N, r, H*Dh]);
+the projection adds `lora_alpha / r * (x A) B`, zero at init (B starts at zero). A LoRA run
+trains only the adapters (`trainable_filter`); `unijax.models.lora.merge` folds them into the
+kernels.
+
 `freeze_und_expert` (BAGEL `freeze_und`, LlamaFusion): the und expert, its final norm, the
 embedding and the LM head are left out of `trainable_filter`, and the und slice's hidden
 states, keys and values are wrapped in `stop_gradient` in every layer, so und activations are
@@ -60,6 +67,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from unijax import config as config_lib
 from unijax.batch import TokenMeta
 from unijax.kernels.attention import BLOCK_NAMES, attention, resolve_auto
 from unijax.models import layers
@@ -74,6 +82,8 @@ REMAT_POLICIES = {
 }
 
 EXPERTS = ("und", "gen")
+# The projections of an expert layer that can carry a LoRA adapter.
+LORA_TARGETS = config_lib.LORA_TARGETS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,6 +115,11 @@ class DecoderConfig:
     attention_blocks: tuple[int, int, int, int] = (0, 0, 0, 0)
     # Run the Pallas kernels in the Pallas interpreter (CPU tests and debugging).
     attention_interpret: bool = False
+    # LoRA adapters (rank 0: none) on these projections of these experts.
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_experts: tuple[str, ...] = ("gen",)
+    lora_targets: tuple[str, ...] = LORA_TARGETS
 
     def __post_init__(self):
         if self.num_experts not in (1, 2):
@@ -117,6 +132,20 @@ class DecoderConfig:
                              f"{self.remat_policy!r}")
         if self.freeze_und_expert and self.num_experts == 1:
             raise ValueError("freeze_und_expert=True needs num_experts=2")
+        if self.lora_rank:
+            experts = EXPERTS[:self.num_experts]
+            if not self.lora_experts or set(self.lora_experts) - set(experts):
+                raise ValueError(f"lora_experts={self.lora_experts} must name experts of "
+                                 f"{experts}")
+            if not self.lora_targets or set(self.lora_targets) - set(LORA_TARGETS):
+                raise ValueError(f"lora_targets={self.lora_targets} must name projections of "
+                                 f"{LORA_TARGETS}")
+
+    def lora_for(self, expert: str) -> dict[str, tuple[int, float]]:
+        """{projection: (rank, alpha)} of the adapters this expert's layers carry."""
+        if not self.lora_rank or expert not in self.lora_experts:
+            return {}
+        return {name: (self.lora_rank, self.lora_alpha) for name in self.lora_targets}
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict) -> DecoderConfig:
@@ -142,24 +171,31 @@ class DecoderConfig:
 class ExpertLayer(nnx.Module):
     """The weights of one expert in one layer, applied to that expert's slice of the row."""
 
-    def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: DecoderConfig, expert: str, *, rngs: nnx.Rngs):
         d, h, hkv, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         dt = dict(dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype)
         norm = dict(eps=cfg.rms_norm_eps, **dt)
-        dense = dict(rngs=rngs, **dt)
+        lora = cfg.lora_for(expert)
+
+        def dense(name):
+            adapter = dict(zip(("lora_rank", "lora_alpha"), lora.get(name, ())))
+            return dict(rngs=rngs, **dt, **adapter)
+
         self.input_norm = RMSNorm(d, **norm)
         self.q_proj = Dense((d,), (h, hd), in_axes=("embed",), out_axes=("heads", "head_dim"),
-                            use_bias=cfg.qkv_bias, **dense)
+                            use_bias=cfg.qkv_bias, **dense("q_proj"))
         self.k_proj = Dense((d,), (hkv, hd), in_axes=("embed",),
-                            out_axes=("kv_heads", "head_dim"), use_bias=cfg.qkv_bias, **dense)
+                            out_axes=("kv_heads", "head_dim"), use_bias=cfg.qkv_bias,
+                            **dense("k_proj"))
         self.v_proj = Dense((d,), (hkv, hd), in_axes=("embed",),
-                            out_axes=("kv_heads", "head_dim"), use_bias=cfg.qkv_bias, **dense)
+                            out_axes=("kv_heads", "head_dim"), use_bias=cfg.qkv_bias,
+                            **dense("v_proj"))
         self.q_norm = RMSNorm(hd, **norm) if cfg.qk_norm else None
         self.k_norm = RMSNorm(hd, **norm) if cfg.qk_norm else None
         self.o_proj = Dense((h, hd), (d,), in_axes=("heads", "head_dim"), out_axes=("embed",),
-                            use_bias=False, **dense)
+                            use_bias=False, **dense("o_proj"))
         self.post_attn_norm = RMSNorm(d, **norm)
-        self.mlp = SwiGLU(d, cfg.intermediate_size, rngs=rngs, **dt)
+        self.mlp = SwiGLU(d, cfg.intermediate_size, rngs=rngs, lora=lora, **dt)
 
     def qkv(self, x: jax.Array, cos: jax.Array, sin: jax.Array):
         """x [B, S, D] -> q [B, S, H, Dh], k, v [B, S, Hkv, Dh] (QK-norm, then RoPE)."""
@@ -190,8 +226,8 @@ class MoTLayer(nnx.Module):
 
     def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
-        self.und = ExpertLayer(cfg, rngs=rngs)
-        self.gen = ExpertLayer(cfg, rngs=rngs) if cfg.num_experts == 2 else None
+        self.und = ExpertLayer(cfg, "und", rngs=rngs)
+        self.gen = ExpertLayer(cfg, "gen", rngs=rngs) if cfg.num_experts == 2 else None
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, meta: TokenMeta,
                  num_und: int) -> jax.Array:
@@ -287,10 +323,11 @@ class MoTDecoder(nnx.Module):
             self.copy_und_to_gen()
 
     def copy_und_to_gen(self) -> None:
-        """Sets every gen-expert weight (layers and final norm) to its und counterpart."""
+        """Sets every gen-expert weight (layers and final norm) to its und counterpart (LoRA
+        adapters are not copied: each expert's keep their own init)."""
         if self.config.num_experts != 2:
             raise ValueError("copy_und_to_gen needs num_experts=2")
-        nnx.update(self.layers.gen, nnx.state(self.layers.und))
+        nnx.update(self.layers.gen, nnx.state(self.layers.und, nnx.Not(nnx.LoRAParam)))
         nnx.update(self.final_norm.gen, nnx.state(self.final_norm.und))
 
     def embed(self, text_ids: jax.Array) -> jax.Array:
@@ -412,7 +449,10 @@ def frozen_filter(cfg: DecoderConfig, prefix: tuple[str, ...] = ()):
 
 
 def trainable_filter(cfg: DecoderConfig, prefix: tuple[str, ...] = ()):
-    """The `nnx.Optimizer(model, tx, wrt=...)` filter: every Param not frozen by the config."""
+    """The `nnx.Optimizer(model, tx, wrt=...)` filter: every Param not frozen by the config;
+    with LoRA only the adapters."""
+    if cfg.lora_rank:
+        return nnx.LoRAParam
     return nnx.All(nnx.Param, nnx.Not(frozen_filter(cfg, prefix)))
 
 

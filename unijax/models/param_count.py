@@ -18,9 +18,10 @@ import jax
 from flax import nnx
 
 
-def abstract_params(build: Callable[[], nnx.Module]) -> nnx.State:
-    """The `nnx.Param` state of `build()` as ShapeDtypeStructs (`nnx.eval_shape`, no memory)."""
-    return nnx.state(nnx.eval_shape(build), nnx.Param)
+def abstract_params(build: Callable[[], nnx.Module], kind=nnx.Param) -> nnx.State:
+    """The `kind` (default `nnx.Param`) state of `build()` as ShapeDtypeStructs
+    (`nnx.eval_shape`, no memory)."""
+    return nnx.state(nnx.eval_shape(build), kind)
 
 
 def _leaf_sizes(state) -> list[tuple[tuple[str, ...], int]]:

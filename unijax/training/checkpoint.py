@@ -18,6 +18,11 @@ leftovers are removed when the next run opens the directory).
 Restoring reads into the shardings of the target, so a checkpoint saved on one mesh restores on
 another (another device count, other axis sizes).
 
+`save_frozen=False` (LoRA runs) leaves the frozen weights out of every save: the state item
+holds the adapters, their optimizer state and EMA, the step and the keys, with `frozen` empty;
+`restore` then returns the state with `frozen` empty too, and the caller puts the base back
+(the trainer reads it again from `config.init.checkpoint`).
+
 Preemption: `PreemptionGuard` turns SIGTERM into a flag the loop reads at every step boundary;
 on several hosts they agree (one all-gather of the flags), so all save the same step.
 """
@@ -40,7 +45,8 @@ class Checkpointer:
     """An Orbax CheckpointManager for the three items above."""
 
     def __init__(self, directory: str, *, every_steps: int, max_to_keep: int,
-                 async_save: bool = True):
+                 async_save: bool = True, save_frozen: bool = True):
+        self.save_frozen = bool(save_frozen)
         # Local paths are made absolute (Orbax needs it); gs://... and other URLs stay as given.
         self.directory = directory if "://" in directory else os.path.abspath(directory)
         self.every_steps = int(every_steps)
@@ -68,6 +74,8 @@ class Checkpointer:
         """
         if not force and step % self.every_steps:
             return False
+        if not self.save_frozen:
+            state = state.replace(frozen={})
         args = {"state": ocp.args.StandardSave(state),
                 "config": ocp.args.JsonSave(json.loads(config.to_json_best_effort()))}
         if data_iter is not None:
@@ -76,7 +84,9 @@ class Checkpointer:
 
     def restore(self, step: int, target, data_iter=None):
         """The train state saved at `step`, placed as `target`'s shardings say; `data_iter` is
-        set to its saved position in place."""
+        set to its saved position in place (`frozen` comes back empty with save_frozen=False)."""
+        if not self.save_frozen:
+            target = target.replace(frozen={})
         args = {"state": ocp.args.StandardRestore(target)}
         if data_iter is not None:
             args["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)

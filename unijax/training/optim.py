@@ -10,6 +10,10 @@ Parameters are addressed by their path joined with "/", e.g. `llm/layers/gen/q_p
                   the embedding and the LM head (LlamaFusion / BAGEL `freeze_und`)
   lr_multipliers  (regex, factor) pairs, first match wins; others train at factor 1
 
+LoRA (`config.model.llm.lora_rank > 0`): the adapters (`.../lora/lora_a`, `lora_b`) train and
+every base weight is frozen; `trainable` then names what trains beside the adapters (e.g. the
+connectors), `freeze` still wins. Adapters get no weight decay (they are not `kernel`s).
+
 Frozen parameters are split off before the optimizer sees the model: they get no gradient, no
 Adam moments and no EMA copy. A pattern that matches no parameter is a config error (a typo
 would otherwise silently train everything).
@@ -43,7 +47,7 @@ import optax
 from flax import nnx
 
 from unijax import config as config_lib
-from unijax.models import mot
+from unijax.models import lora, mot
 
 SCHEDULES = ("constant", "cosine", "linear")
 OPTIMIZER_STATE_DTYPES = config_lib.OPTIMIZER_STATE_DTYPES
@@ -98,11 +102,13 @@ def is_trainable_fn(config: ml_collections.ConfigDict) -> Callable[[str], bool]:
     und_frozen = ("llm/embed_tokens/", "llm/layers/und/", "llm/final_norm/und/", "llm/lm_head/")
 
     def is_trainable(name: str) -> bool:
+        if any(r.fullmatch(name) for r in freeze):
+            return False
+        if decoder.lora_rank:  # adapters, and what `trainable` adds to them
+            return lora.is_adapter(name) or any(r.fullmatch(name) for r in trainable)
         if decoder.freeze_und_expert and name.startswith(und_frozen):
             return False
-        if trainable and not any(r.fullmatch(name) for r in trainable):
-            return False
-        return not any(r.fullmatch(name) for r in freeze)
+        return not trainable or any(r.fullmatch(name) for r in trainable)
 
     return is_trainable
 

@@ -173,15 +173,23 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     eval_batches = evaluate.load_eval_batches(config, mesh)
 
     # State: the newest checkpoint of the workdir, restored onto this mesh, or a fresh one.
+    # A LoRA run saves only what trains: its frozen base is config.init.checkpoint's.
+    adapters_only = bool(config.model.llm.get("lora_rank", 0))
     ckpt = checkpoint_lib.Checkpointer(
         config.checkpoint.get("dir") or os.path.join(workdir, "checkpoints"),
         every_steps=int(config.checkpoint.every_steps),
         max_to_keep=int(config.checkpoint.max_to_keep),
-        async_save=bool(config.checkpoint.get("async_save", True)))
+        async_save=bool(config.checkpoint.get("async_save", True)),
+        save_frozen=not adapters_only)
     target, shardings = state_lib.abstract_state(config, mesh, spec, tx)
     restored_from = ckpt.latest_step()
     if restored_from is not None:
         state = ckpt.restore(restored_from, target, data_iter)
+        if adapters_only:  # the base again, from where the first run read it
+            base, _ = state_lib.init_state(config, mesh, spec, tx)
+            base, _ = init_lib.initialize(config, base, mesh)
+            state = state.replace(frozen=base.frozen)
+            del base
         logging.info("restored from step %d (%s)", restored_from, ckpt.directory)
         print(f"restored from step {restored_from}", flush=True)
         if init_lib.has_sources(config):
