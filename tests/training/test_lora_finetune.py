@@ -99,7 +99,7 @@ def test_checkpoints_hold_only_the_adapters_and_their_optimizer_state(lora_run, 
     assert names and all(lora.is_adapter(n) for n in names)
     assert sorted(_flat(dict(tree["ema"]))) == sorted(names)
     # Adam's moments: two per adapter, nothing of the base.
-    moments = [n for n in _flat(jax.tree.map(lambda x: x, _plain(tree["opt_state"])))]
+    moments = list(_flat(_plain(tree["opt_state"])))
     assert len([n for n in moments if lora.is_adapter(n)]) == 2 * len(names)
     size = lambda d: sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(d)
                          for f in fs)

@@ -91,22 +91,22 @@ def official_jsons(config, dtype: str) -> tuple[dict, dict]:
     return llm_json, vit_json
 
 
-def _merged_to_official(config, src: str, dst: str, **kwargs) -> dict:
+def _merged_to_official(config, src: str, dst: str, step: int, weights: str,
+                        dtype: str | None) -> dict:
     """`to_official` of a LoRA run: merged into a temporary checkpoint first (the base's
     `official.json`, when it has one, keeps the released dtypes)."""
     from unijax.convert import merge_lora
 
     os.makedirs(dst, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dst, prefix=".merged_") as tmp:
-        merged = merge_lora.write_merged(src, tmp, step=kwargs["step"],
-                                         weights=kwargs["weights"])
+        merged = merge_lora.write_merged(src, tmp, step=step, weights=weights)
         base_meta = _meta(str(config.init.checkpoint))
         if base_meta is not None:
             with open(os.path.join(tmp, layout.OFFICIAL_META), "w") as f:
                 json.dump(base_meta, f)
         logging.info("to_official: merged the LoRA adapters of %s into %s", src,
                      merged["checkpoint"])
-        return to_official(tmp, dst, step=kwargs["step"], weights="ema", dtype=kwargs["dtype"])
+        return to_official(tmp, dst, step=step, weights="ema", dtype=dtype)
 
 
 def _meta(src: str) -> dict | None:
@@ -135,7 +135,7 @@ def to_official(src: str, dst: str, *, step: int | None = None, weights: str = "
     """
     config, step = load_lib.load_config(src, step)
     if config.model.llm.get("lora_rank", 0):
-        return _merged_to_official(config, src, dst, step=step, weights=weights, dtype=dtype)
+        return _merged_to_official(config, src, dst, step, weights, dtype)
     where = f"unijax checkpoint {src} (step {step})"
     raise_problems(where, representable(config))
     meta = _meta(src)

@@ -30,12 +30,16 @@ QTYPES = {"int8": jnp.int8}
 def quantized_paths(model: nnx.Module) -> list[tuple]:
     """The module paths whose kernels `quantize_weights` replaces: the Dense modules under
     `llm/layers` and `llm/lm_head`."""
+    return [path for path, _ in _quantized_modules(model)]
+
+
+def _quantized_modules(model: nnx.Module) -> list[tuple[tuple, layers.Dense]]:
     out = []
     for path, module in nnx.iter_modules(model):
         keys = tuple(str(k) for k in path)
         if isinstance(module, layers.Dense) and keys[:1] == ("llm",) and \
                 keys[1:2] in (("layers",), ("lm_head",)):
-            out.append(path)
+            out.append((path, module))
     return out
 
 
@@ -49,13 +53,11 @@ def quantize_weights(model: nnx.Module, qtype: str = "int8") -> nnx.Module:
     if qtype not in QTYPES:
         raise ValueError(f"quantize_weights: qtype must be one of {sorted(QTYPES)}, got "
                          f"{qtype!r}")
-    paths = quantized_paths(model)
-    if not paths:
+    found = _quantized_modules(model)
+    if not found:
         raise ValueError("quantize_weights: no decoder projection found (expected Dense "
                          "modules under llm/layers and llm/lm_head)")
-    modules = dict(nnx.iter_modules(model))
-    for path in paths:
-        dense = modules[path]
+    for path, dense in found:
         kernel = dense.kernel[...]
         if isinstance(kernel, qwix.QArray):
             continue  # already quantised
@@ -83,6 +85,5 @@ def _quantize(kernel: jax.Array, qtype, channelwise: tuple[int, ...], scale_dtyp
 def kernel_bytes(model: nnx.Module) -> int:
     """Bytes of the kernels `quantize_weights` replaces (int8 values and scales, once
     quantised)."""
-    modules = dict(nnx.iter_modules(model))
-    return int(sum(x.size * x.dtype.itemsize for path in quantized_paths(model)
-                   for x in jax.tree.leaves(modules[path].kernel[...])))
+    return int(sum(x.size * x.dtype.itemsize for _, dense in _quantized_modules(model)
+                   for x in jax.tree.leaves(dense.kernel[...])))

@@ -168,6 +168,11 @@ class Dense(nnx.Module):
         return y
 
 
+def lora_kwargs(lora: dict[str, tuple[int, float]] | None, name: str) -> dict:
+    """`Dense`'s lora_rank / lora_alpha for projection `name` ({} when it has no adapter)."""
+    return dict(zip(("lora_rank", "lora_alpha"), (lora or {}).get(name, ())))
+
+
 class SwiGLU(nnx.Module):
     """Gated MLP: down(silu(gate(x)) * up(x)), no biases (Qwen2 / LLaMA).
 
@@ -178,13 +183,12 @@ class SwiGLU(nnx.Module):
     def __init__(self, dim: int, hidden: int, *, dtype: jnp.dtype, param_dtype: jnp.dtype,
                  rngs: nnx.Rngs, lora: dict[str, tuple[int, float]] | None = None):
         common = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        adapter = lambda name: dict(zip(("lora_rank", "lora_alpha"), (lora or {}).get(name, ())))
         self.gate_proj = Dense((dim,), (hidden,), in_axes=("embed",), out_axes=("mlp",),
-                               **common, **adapter("gate_proj"))
+                               **common, **lora_kwargs(lora, "gate_proj"))
         self.up_proj = Dense((dim,), (hidden,), in_axes=("embed",), out_axes=("mlp",), **common,
-                             **adapter("up_proj"))
+                             **lora_kwargs(lora, "up_proj"))
         self.down_proj = Dense((hidden,), (dim,), in_axes=("mlp",), out_axes=("embed",),
-                               **common, **adapter("down_proj"))
+                               **common, **lora_kwargs(lora, "down_proj"))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x [..., dim] -> [..., dim]."""

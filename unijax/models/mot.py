@@ -178,8 +178,7 @@ class ExpertLayer(nnx.Module):
         lora = cfg.lora_for(expert)
 
         def dense(name):
-            adapter = dict(zip(("lora_rank", "lora_alpha"), lora.get(name, ())))
-            return dict(rngs=rngs, **dt, **adapter)
+            return dict(rngs=rngs, **dt, **layers.lora_kwargs(lora, name))
 
         self.input_norm = RMSNorm(d, **norm)
         self.q_proj = Dense((d,), (h, hd), in_axes=("embed",), out_axes=("heads", "head_dim"),
