@@ -59,3 +59,23 @@ def test_without_a_task_it_fails_with_a_usage_message(trained):
     assert result.returncode != 0
     assert "give --prompt (text-to-image) or --image with --question/--edit" in result.stderr
     assert "loaded step" not in result.stdout
+
+
+def test_int8_weights_on_a_mesh(trained, tmp_path):
+    """--quantize=int8 with --mesh: the decoder kernels are int8 and sharded, and the tasks
+    still answer and draw."""
+    workdir, _ = trained
+    source = tmp_path / "in.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (32, 32, 3), np.uint8)).save(source)
+    out = tmp_path / "out"
+    result = _sample(f"--workdir={workdir}", "--quantize=int8", "--mesh=1,4,2",
+                     "--prompt=a photo of a red circle", "--steps=2", f"--out={out}",
+                     f"--image={source}", "--question=what colour is the circle?",
+                     "--max_new_tokens=3")
+    assert result.returncode == 0, result.stderr[-3000:]
+    # two experts x seven projections and the LM head
+    assert re.search(r"^int8 weight-only: 15 decoder kernels, [\d.]+ MiB with their scales$",
+                     result.stdout, re.M), result.stdout
+    assert "Q: what colour is the circle?\nA: " in result.stdout
+    assert os.listdir(out) == ["t2i_a_photo_of_a_red_circle_step3_seed0_0.png"]
+    assert _png(out / os.listdir(out)[0]).shape == (32, 32, 3)

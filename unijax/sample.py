@@ -85,6 +85,9 @@ def run(argv=None) -> dict:
                              quantize=_QUANTIZE.value)
     print(f"loaded step {chat.info['step']} ({chat.info['weights']} weights) from "
           f"{chat.info['checkpoint']}", flush=True)
+    if _QUANTIZE.value:
+        print(f"{_QUANTIZE.value} weight-only: {chat.info['quantized_kernels']} decoder kernels, "
+              f"{chat.info['quantized_bytes'] / 2**20:.2f} MiB with their scales", flush=True)
     out_dir = _OUT.value or os.path.join(_WORKDIR.value, "samples")
     os.makedirs(out_dir, exist_ok=True)
     overrides = dict(num_steps=_STEPS.value, shift=_SHIFT.value, text_scale=_CFG_TEXT.value,

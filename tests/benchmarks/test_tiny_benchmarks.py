@@ -58,3 +58,28 @@ def test_data_tiny_run_writes_a_row_per_kind(tmp_path):
         assert row[7] == f"`PYTHONPATH=. python benchmarks/data.py --tiny --kinds={','.join(kinds)} --workers=0 --out={out}`"  # noqa: E501
     assert rows[len(kinds)][2].startswith("mp4 decode (PyAV, 80x44 H.264)")
     assert rows[-1][0] == "estimate"
+
+
+def test_sample_memory_rows_are_consistent(tmp_path, capsys):
+    """benchmarks/sample_memory.py --no_compile on the tiny config: a row per mesh x weights x
+    mode; sharding and int8 shrink the weights, editing's context is longer."""
+    import json
+
+    from benchmarks import sample_memory
+
+    out = tmp_path / "rows.jsonl"
+    sample_memory.main(["--config=configs/tiny.py", "--mesh=;tensor=2", "--image_size=64",
+                        "--no_compile", f"--out={out}"])
+    rows = {(json.dumps(r["mesh"]), r["quantize"], r["mode"]): r
+            for r in map(json.loads, out.read_text().splitlines())}
+    printed = [line for line in capsys.readouterr().out.splitlines()
+               if line.startswith("| ") and not line.startswith("| mesh")]
+    assert len(rows) == 8 and len(printed) == 8
+    one, two = json.dumps({"data": 1, "fsdp": 1, "tensor": 1}), json.dumps(
+        {"data": 1, "fsdp": 1, "tensor": 2})
+    for mode in ("t2i", "edit"):
+        assert rows[(two, "none", mode)]["weights"] < rows[(one, "none", mode)]["weights"]
+        assert rows[(one, "int8", mode)]["weights"] < rows[(one, "none", mode)]["weights"]
+        assert rows[(one, "none", mode)]["phases"] == []
+    assert rows[(one, "none", "edit")]["context_tokens"] > rows[(one, "none", "t2i")][
+        "context_tokens"]

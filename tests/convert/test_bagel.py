@@ -148,3 +148,44 @@ def test_corrupted_checkpoint_lists_every_problem(official, tmp_path):
             "latent_pos_embed.pos_embed: the stored table differs from the 2D sin-cos table"):
         assert expected in message, (expected, message)
     assert "max |difference|" in message
+
+
+def test_to_official_of_a_lora_run_writes_its_merged_weights(official, converted, tmp_path):
+    """A LoRA run on the converted model (adapters-only checkpoint, base in init.checkpoint)
+    exports as BAGEL's files: the gen expert's projections hold W + alpha / r A B, every other
+    tensor is the released one bit for bit."""
+    from tests.training.test_init import random_state
+    from unijax.training import checkpoint
+
+    dst, _ = converted
+    config, _ = load_lib.load_config(dst)
+    llm = config.model.llm
+    llm.lora_rank, llm.lora_alpha, llm.lora_experts = 2, 4.0, ("gen",)
+    config.init.checkpoint = dst
+    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, 1, 1
+    mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:1])
+    _, _, state = random_state(config, mesh)  # params and EMA: random A and B of each adapter
+    run = str(tmp_path / "lora")
+    ckpt = checkpoint.Checkpointer(run, every_steps=1, max_to_keep=1, save_frozen=False)
+    ckpt.save(1, state, None, config, force=True)
+    ckpt.wait()
+    ckpt.close()
+
+    out = str(tmp_path / "official")
+    bagel.to_official(run, out)
+    base, exported = load_file(os.path.join(official, FILES[0])), load_file(
+        os.path.join(out, FILES[0]))
+    assert set(exported) == set(base)
+    changed = {k for k in base if not np.array_equal(_bits(base[k]), _bits(exported[k]))}
+    targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    assert changed and all("_moe_gen" in k and any(t in k for t in targets) for k in changed), \
+        sorted(changed)
+    assert all(exported[k].dtype == base[k].dtype for k in base)  # released dtypes kept
+    vae_base, vae_out = (load_file(os.path.join(d, FILES[1])) for d in (official, out))
+    for key in vae_base:  # fp32 on disk, fp32 after the merge (read in its saved dtype)
+        np.testing.assert_array_equal(_bits(vae_base[key]), _bits(vae_out[key]), err_msg=key)
+
+    merged, _, _ = load_lib.load_model(run, merge_lora=True, dtype=load_lib.SAVED)
+    back = _flat(bagel.load(out)[1])
+    for name, value in _flat(merged).items():  # W + alpha / r A B, in the base's bf16
+        np.testing.assert_array_equal(_bits(back[name]), _bits(value), err_msg=name)

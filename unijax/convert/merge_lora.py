@@ -7,7 +7,8 @@
 
 The base is read from the run's `config.init.checkpoint` and the adapters from its own
 checkpoint (`inference.load.load_model(merge_lora=True)`: W' = W + alpha / r * A B per
-projection, `unijax.models.lora`). The written checkpoint holds every weight in its `ema` item
+projection, `unijax.models.lora`), every weight in its dtype on disk (a merged kernel in its
+base's). The written checkpoint holds every weight in its `ema` item
 (no optimizer state, no data iterator) with the run's config at `lora_rank = 0`. The merged
 model is held once in host memory while it is written.
 """
@@ -44,7 +45,8 @@ def write_merged(src: str, dst: str, *, step: int | None = None, weights: str = 
         raise FileExistsError(f"{ckpt_dir} exists: merge into a new directory")
     if not is_lora_run(src, step):
         raise ValueError(f"{src}: not a LoRA run (config.model.llm.lora_rank is 0)")
-    model, config, info = load_lib.load_model(src, step=step, weights=weights, merge_lora=True)
+    model, config, info = load_lib.load_model(src, step=step, weights=weights, merge_lora=True,
+                                              dtype=load_lib.SAVED)
     tree = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model)))
     del model
     manager = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(

@@ -256,23 +256,12 @@ class Engine:
         with jax.set_mesh(self.mesh), nnx.logical_axis_rules(self.rules):
             yield
 
-    def _axes(self, logical: str, size: int):
-        rules = dict(self.rules or ())
-        target = rules.get(logical)
-        names = (target,) if isinstance(target, str) else tuple(target or ())
-        names = tuple(n for n in names if self.mesh.shape.get(n, 1) > 1)
-        if not names or size % math.prod(self.mesh.shape[n] for n in names):
-            return None
-        return names[0] if len(names) == 1 else names
-
     def cache_shardings(self, batch_size: int):
         """KVCache of NamedShardings (rows over `batch`, KV heads over `kv_heads`), or None."""
         if self.mesh is None:
             return None
-        rows = self._axes("batch", batch_size)
-        heads = self._axes("kv_heads", self.model_config.num_kv_heads)
-        kv = NamedSharding(self.mesh, PartitionSpec(None, rows, None, heads, None))
-        meta = NamedSharding(self.mesh, PartitionSpec(rows, None))
+        kv, meta = cache_specs(self.mesh, self.rules, batch_size, self.model_config.num_kv_heads)
+        kv, meta = NamedSharding(self.mesh, kv), NamedSharding(self.mesh, meta)
         return KVCache(k=kv, v=kv, meta=TokenMeta(meta, meta, meta, meta))
 
     def _constrain(self, cache: KVCache) -> KVCache:
@@ -350,6 +339,25 @@ class Engine:
         with self.scope():
             return self._extend(self.state, cache, chunk, latent_tokens, timesteps,
                                 logits=logits)
+
+
+def cache_specs(mesh, rules, batch_size: int,
+                num_kv_heads: int) -> tuple[PartitionSpec, PartitionSpec]:
+    """(k / v spec [N, B, C, Hkv, Dh], metadata spec [B, C]) of a cache on `mesh` (a Mesh or an
+    AbstractMesh): rows over the `batch` rule's mesh axes and KV heads over the `kv_heads`
+    rule's, each only where those axes divide the dimension (else replicated)."""
+    table = dict(rules or ())
+
+    def axes(logical: str, size: int):
+        target = table.get(logical)
+        names = (target,) if isinstance(target, str) else tuple(target or ())
+        names = tuple(n for n in names if mesh.shape.get(n, 1) > 1)
+        if not names or size % math.prod(mesh.shape[n] for n in names):
+            return None
+        return names[0] if len(names) == 1 else names
+
+    rows, heads = axes("batch", batch_size), axes("kv_heads", num_kv_heads)
+    return PartitionSpec(None, rows, None, heads, None), PartitionSpec(rows, None)
 
 
 def write(cache: KVCache, k: jax.Array, v: jax.Array, meta: TokenMeta, length) -> KVCache:

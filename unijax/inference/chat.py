@@ -88,6 +88,8 @@ class Chat:
         if quantize:
             model = quantize_lib.quantize_weights(model, quantize)
             info["quantize"] = quantize
+            info["quantized_kernels"] = len(quantize_lib.quantized_paths(model))
+            info["quantized_bytes"] = quantize_lib.kernel_bytes(model)
         chat = cls(model, config, mesh=mesh, rules=rules, **kwargs)
         chat.info = info
         return chat

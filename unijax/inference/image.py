@@ -247,6 +247,12 @@ def _denoise_step(engine: Engine, batch_size: int, guidance: Guidance | None):
 def decode(engine: Engine, tokens: jax.Array, grid: tuple[int, int]) -> np.ndarray:
     """Latent tokens [B, h * w, F] -> uint8 images [B, H, W, 3] (VAE decode, or the pixels
     themselves without a VAE), BAGEL's `(x * 0.5 + 0.5).clamp(0, 1) * 255`."""
+    with engine.scope():
+        return np.asarray(jax.device_get(_decode_fn(engine, grid)(engine.state, tokens)))
+
+
+def _decode_fn(engine: Engine, grid: tuple[int, int]):
+    """jit(state, tokens [B, h * w, F]) -> uint8 images [B, H, W, 3]."""
 
     def build():
         def run(state, tokens):
@@ -255,6 +261,4 @@ def decode(engine: Engine, tokens: jax.Array, grid: tuple[int, int]) -> np.ndarr
 
         return jax.jit(run)
 
-    with engine.scope():
-        return np.asarray(jax.device_get(engine.function(("decode", grid), build)(
-            engine.state, tokens)))
+    return engine.function(("decode", grid), build)

@@ -45,6 +45,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceShardin
 from unijax.models import lora, unified
 
 WEIGHTS = ("ema", "params")
+SAVED = "saved"  # load_model(dtype=SAVED): every weight in its dtype on disk
 TRAIN_HINT = "train first: python -m unijax.main --config=configs/tiny.py --workdir=WORKDIR"
 
 Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]
@@ -92,8 +93,9 @@ def load_model(workdir: str, *, step: int | None = None, weights: str = "ema",
         this process's first device.
       rules: logical axis -> mesh axis (or tuple of axes, or None) pairs; required with `mesh`
         (`unijax.training.sharding.LOGICAL_RULES`).
-      dtype: cast the floating weights to this dtype when reading (e.g. "bfloat16"); None: as
-        saved.
+      dtype: cast the floating weights to this dtype when reading (e.g. "bfloat16"); "saved":
+        every weight in its dtype on disk (e.g. a converted BAGEL's fp32 VAE beside its bf16
+        LLM); None: the dtypes the config builds the model in.
       overrides: "section.field" -> value applied to the saved config before the model is
         built (e.g. {"attention.impl": "cudnn"} to sample on another platform).
 
@@ -137,17 +139,24 @@ def load_model(workdir: str, *, step: int | None = None, weights: str = "ema",
                          {item: saved.get(item) or {} for item in items},
                          manager.directory / str(step))
 
+        on_disk = {_name(p): meta.dtype for item in items
+                   for p, meta in traverse_util.flatten_dict(dict(saved.get(item) or {})).items()}
+
         def target(path):
             shape = shapes[path]
-            spec = logical.get(path)
-            if mesh is None:
-                where = SingleDeviceSharding(jax.local_devices()[0])
-            else:
-                where = NamedSharding(mesh, mesh_spec(
-                    spec if isinstance(spec, PartitionSpec) else (), shape.shape, mesh, rules))
+            if dtype == SAVED:
+                return jax.ShapeDtypeStruct(shape.shape, on_disk[_name(path)],
+                                            sharding=where_of(path))
             cast = dtype is not None and jnp.issubdtype(shape.dtype, jnp.floating)
             return jax.ShapeDtypeStruct(shape.shape, jnp.dtype(dtype) if cast else shape.dtype,
-                                        sharding=where)
+                                        sharding=where_of(path))
+
+        def where_of(path):
+            if mesh is None:
+                return SingleDeviceSharding(jax.local_devices()[0])
+            spec = logical.get(path)
+            return NamedSharding(mesh, mesh_spec(
+                spec if isinstance(spec, PartitionSpec) else (), shapes[path].shape, mesh, rules))
 
         item_targets = {item: traverse_util.unflatten_dict({p: target(p) for p in paths})
                         for item, paths in targets.items()}
@@ -163,7 +172,8 @@ def load_model(workdir: str, *, step: int | None = None, weights: str = "ema",
     nnx.replace_by_pure_dict(state, traverse_util.unflatten_dict(pure))
     model = nnx.merge(graphdef, state)
     info = {"step": step, "weights": weights, "checkpoint": str(manager.directory / str(step)),
-            "dtype": None if dtype is None else str(jnp.dtype(dtype)), "restored": items}
+            "dtype": dtype if dtype in (None, SAVED) else str(jnp.dtype(dtype)),
+            "restored": items}
     if base:
         info["base"] = str(config.init.checkpoint)
     if merge_lora and config.model.llm.get("lora_rank", 0):
@@ -259,6 +269,10 @@ def _section(config: ml_collections.ConfigDict, keys: list[str]) -> ml_collectio
     for key in keys:
         config = config[key]
     return config
+
+
+def _name(path) -> str:
+    return "/".join(map(str, path))
 
 
 def _tuples(tree):
