@@ -5,13 +5,8 @@ XLA_FLAGS must be set before jax is first imported, which is why this happens at
 
 import os
 
-# The test programs are small and most run once or twice, so XLA's CPU compile time is most of
-# the suite's time; LLVM's optimisation passes are much of each compile and buy a program
-# run a few times nothing (UNIJAX_TEST_OPTIMIZE=1 keeps them, to test the optimised build).
-_FAST_COMPILE = "" if os.environ.get("UNIJAX_TEST_OPTIMIZE") == "1" else (
-    " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8" + _FAST_COMPILE
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One persistent compilation cache per test session, shared with the subprocesses the tests

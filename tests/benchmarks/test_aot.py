@@ -9,9 +9,6 @@ from benchmarks import aot
 from unijax.training import optim
 from unijax.training import state as state_lib
 
-# Smoke tests of the benchmark scripts: run once, in the Python 3.11 CI pass (README, "Tests").
-pytestmark = pytest.mark.slow
-
 BAGEL = "configs/bagel_7b_mot.py"
 # BAGEL-7B-MoT's decoder width (hidden 3584, 28 / 4 heads of 128, MLP 18944, vocab 152,064) at
 # 2 layers; so that the CPU compiles it in seconds, a 1-layer ViT of SigLIP's width and pixel

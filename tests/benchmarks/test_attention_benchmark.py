@@ -10,9 +10,6 @@ from benchmarks import attention as bench
 from unijax.kernels import mask as mask_lib
 from unijax.kernels.attention import attention
 
-# Smoke tests of the benchmark scripts: run once, in the Python 3.11 CI pass (README, "Tests").
-pytestmark = pytest.mark.slow
-
 
 def _qkv(length, h=2, hkv=1, d=128, seed=0):
     keys = jax.random.split(jax.random.key(seed), 3)

@@ -3,12 +3,7 @@ rows, well formed and positive (no timing assertions)."""
 
 import json
 
-import pytest
-
 from benchmarks import sample as sample_bench
-
-# Smoke tests of the benchmark scripts: run once, in the Python 3.11 CI pass (README, "Tests").
-pytestmark = pytest.mark.slow
 
 KINDS = ("denoise step", "denoise step, text guidance", "text token (greedy)")
 

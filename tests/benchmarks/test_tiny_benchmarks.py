@@ -9,9 +9,6 @@ from benchmarks import data as data_bench
 from benchmarks import mot_step
 from unijax.kernels import mask as mask_lib
 
-# Smoke tests of the benchmark scripts: run once, in the Python 3.11 CI pass (README, "Tests").
-pytestmark = pytest.mark.slow
-
 
 def _table_rows(path, marker: str) -> list[list[str]]:
     """The cells of the table rows of `path` whose first cell is not a header."""

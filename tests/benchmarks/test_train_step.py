@@ -8,9 +8,6 @@ from benchmarks import train_rows
 from benchmarks import train_step as bench
 from unijax import batch as batch_lib
 
-# Smoke tests of the benchmark scripts: run once, in the Python 3.11 CI pass (README, "Tests").
-pytestmark = pytest.mark.slow
-
 
 def _table_rows(path) -> list[list[str]]:
     """Cells of the data rows of the tables in `path` (header and rule lines left out)."""

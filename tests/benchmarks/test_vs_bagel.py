@@ -10,9 +10,6 @@ import pytest
 from benchmarks import vs_bagel, vs_bagel_row
 from unijax import batch as batch_lib
 
-# Smoke tests of the benchmark scripts: run once, in the Python 3.11 CI pass (README, "Tests").
-pytestmark = pytest.mark.slow
-
 
 def _table_rows(path) -> list[list[str]]:
     lines = [line for line in path.read_text().splitlines() if line.startswith("| ")]
@@ -93,6 +90,7 @@ def test_forward_and_step_agree_on_the_loss():
     assert "language_model.model.layers.1.mlp_moe_gen.down_proj.weight" in hf
 
 
+@pytest.mark.slow
 @pytest.mark.parity
 def test_matches_the_official_bagel_step(tmp_path):
     """With $BAGEL_SRC (a ByteDance-Seed/Bagel checkout): the tiny model, dense per-sample

@@ -27,22 +27,13 @@ def config():
 
 
 def random_model(cfg, seed: int = 0) -> UnifiedModel:
-    """The model's initial weights plus 0.05 N(0, 1) noise, made by one jitted program (init
-    op by op compiles a program per weight) compiled without LLVM optimisation, which buys a
-    program run once nothing."""
-
-    def make():
-        model = UnifiedModel(cfg, rngs=nnx.Rngs(seed))
-        state = nnx.state(model, nnx.Param)
-        leaves, tree = jax.tree.flatten(state)
-        keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-        leaves = [x + 0.05 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]
-        nnx.update(model, jax.tree.unflatten(tree, leaves))
-        return nnx.state(model)
-
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: UnifiedModel(cfg, rngs=nnx.Rngs(seed))))
-    state = jax.jit(make, compiler_options={"xla_backend_optimization_level": 0})()
-    return nnx.merge(graphdef, state)
+    model = UnifiedModel(cfg, rngs=nnx.Rngs(seed))
+    state = nnx.state(model, nnx.Param)
+    leaves, tree = jax.tree.flatten(state)
+    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+    leaves = [x + 0.05 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]
+    nnx.update(model, jax.tree.unflatten(tree, leaves))
+    return model
 
 
 def engine(cfg=None, model=None, **kwargs) -> Engine:

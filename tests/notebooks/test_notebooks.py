@@ -14,9 +14,6 @@ from nbclient import NotebookClient
 
 from tests.training import helpers
 
-# Executes both notebooks: run once, in the Python 3.11 CI pass (README, "Tests").
-pytestmark = pytest.mark.slow
-
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PNG = b"\x89PNG\r\n\x1a\n"
 
