@@ -105,16 +105,9 @@ class Context:
         if capacity < 1:
             raise ValueError(f"Context.empty: capacity must be >= 1, got {capacity}")
         cfg = engine.model_config
-        shape = (cfg.num_layers, batch_size, capacity, cfg.num_kv_heads, cfg.head_dim)
         with engine.scope():
-            cache = jax.jit(
-                lambda: KVCache(
-                    k=jnp.zeros(shape, cfg.compute_dtype), v=jnp.zeros(shape, cfg.compute_dtype),
-                    meta=TokenMeta(doc_id=jnp.zeros((batch_size, capacity), jnp.int32),
-                                   order=jnp.zeros((batch_size, capacity), jnp.int32),
-                                   split_id=jnp.full((batch_size, capacity), -1, jnp.int32),
-                                   noisy=jnp.zeros((batch_size, capacity), bool))),
-                out_shardings=engine.cache_shardings(batch_size))()
+            cache = jax.jit(lambda: empty_cache(cfg, batch_size, capacity),
+                            out_shardings=engine.cache_shardings(batch_size))()
         zeros = np.zeros(batch_size, np.int64)
         return cls(cache, 0, zeros, zeros.copy(), zeros.copy())
 
@@ -339,6 +332,18 @@ class Engine:
         with self.scope():
             return self._extend(self.state, cache, chunk, latent_tokens, timesteps,
                                 logits=logits)
+
+
+def empty_cache(cfg, batch_size: int, capacity: int) -> KVCache:
+    """A KVCache of `batch_size` empty rows of `capacity` slots for the decoder config `cfg`
+    (traceable: `Context.empty` runs it under jit, `memory.py` takes its shapes)."""
+    shape = (cfg.num_layers, batch_size, capacity, cfg.num_kv_heads, cfg.head_dim)
+    slots = (batch_size, capacity)
+    return KVCache(k=jnp.zeros(shape, cfg.compute_dtype), v=jnp.zeros(shape, cfg.compute_dtype),
+                   meta=TokenMeta(doc_id=jnp.zeros(slots, jnp.int32),
+                                  order=jnp.zeros(slots, jnp.int32),
+                                  split_id=jnp.full(slots, -1, jnp.int32),
+                                  noisy=jnp.zeros(slots, bool)))
 
 
 def cache_specs(mesh, rules, batch_size: int,

@@ -139,8 +139,9 @@ def load_model(workdir: str, *, step: int | None = None, weights: str = "ema",
                          {item: saved.get(item) or {} for item in items},
                          manager.directory / str(step))
 
-        on_disk = {_name(p): meta.dtype for item in items
-                   for p, meta in traverse_util.flatten_dict(dict(saved.get(item) or {})).items()}
+        on_disk = {} if dtype != SAVED else {
+            _name(p): meta.dtype for item in items
+            for p, meta in traverse_util.flatten_dict(dict(saved.get(item) or {})).items()}
 
         def target(path):
             shape = shapes[path]
@@ -291,12 +292,12 @@ def _match(shapes: dict, saved: dict, where) -> dict[str, list[tuple]]:
       ValueError: naming the model's weights no item holds, the saved ones the model lacks,
         and those whose shape differs.
     """
-    by_name = {"/".join(map(str, path)): path for path in shapes}
+    by_name = {_name(path): path for path in shapes}
     found, extra, wrong = {}, [], []
     for item, tree in saved.items():
         found[item] = []
         for path, meta in traverse_util.flatten_dict(dict(tree)).items():
-            name = "/".join(map(str, path))
+            name = _name(path)
             if name not in by_name:
                 extra.append(f"{item}/{name}")
                 continue

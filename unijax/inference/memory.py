@@ -37,7 +37,6 @@ import numpy as np
 from flax import nnx, traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from unijax.batch import TokenMeta
 from unijax.data.plan import TextItem
 from unijax.data.tokenizer import ByteTokenizer
 from unijax.inference import cache as cache_lib
@@ -129,32 +128,26 @@ def abstract_model(config: ml_collections.ConfigDict, *, dtype=None,
     return model, logical
 
 
-def _placements(state, logical: dict, mesh, rules):
-    """(path, leaf, mesh spec) of every array of `state` (a quantised kernel: its values and
-    its scales), placed by the leaf's logical axes as `load.load_model` places weights."""
-    for path, leaf in traverse_util.flatten_dict(nnx.to_pure_dict(state)).items():
-        spec = logical.get(path)
-        axes = tuple(spec) if isinstance(spec, PartitionSpec) else ()
-        for x in jax.tree.leaves(leaf):
-            yield path, x, (load.mesh_spec(axes, x.shape, mesh, rules) if mesh is not None
-                            else PartitionSpec())
+def _specs(path, leaf, logical: dict, mesh, rules) -> list[PartitionSpec]:
+    """The mesh spec of each array of one weight (a quantised kernel: its values and its
+    scales), from the weight's logical axes as `load.load_model` places it."""
+    spec = logical.get(path)
+    axes = tuple(spec) if isinstance(spec, PartitionSpec) else ()
+    return [load.mesh_spec(axes, x.shape, mesh, rules) if mesh is not None else PartitionSpec()
+            for x in jax.tree.leaves(leaf)]
 
 
 def placed_state(model: nnx.Module, logical: dict, mesh: Mesh | None, rules) -> nnx.State:
     """The model's state with every array a ShapeDtypeStruct carrying its sharding on `mesh`
     (None: one device, no sharding)."""
     state = nnx.state(model)
-    specs: dict = {}
-    for path, _, spec in _placements(state, logical, mesh, rules):
-        specs.setdefault(path, []).append(spec)
-    flat = traverse_util.flatten_dict(nnx.to_pure_dict(state))
     placed = {}
-    for path, leaf in flat.items():
+    for path, leaf in traverse_util.flatten_dict(nnx.to_pure_dict(state)).items():
         arrays, tree = jax.tree.flatten(leaf)
         placed[path] = jax.tree.unflatten(tree, [
-            jax.ShapeDtypeStruct(x.shape, x.dtype) if mesh is None else jax.ShapeDtypeStruct(
-                x.shape, x.dtype, sharding=NamedSharding(mesh, spec))
-            for x, spec in zip(arrays, specs[path], strict=True)])
+            jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=None if mesh is None else
+                                 NamedSharding(mesh, spec))
+            for x, spec in zip(arrays, _specs(path, leaf, logical, mesh, rules), strict=True)])
     nnx.replace_by_pure_dict(state, traverse_util.unflatten_dict(placed))
     return state
 
@@ -170,20 +163,21 @@ def weight_bytes(config: ml_collections.ConfigDict, mesh=None, rules=None, *, dt
 def _state_bytes(state, logical: dict, mesh, rules) -> int:
     shape = _mesh_shape(mesh)
     return sum(_shard_bytes(x.shape, x.dtype, spec, shape)
-               for _, x, spec in _placements(state, logical, mesh, rules))
+               for path, leaf in traverse_util.flatten_dict(nnx.to_pure_dict(state)).items()
+               for x, spec in zip(jax.tree.leaves(leaf), _specs(path, leaf, logical, mesh, rules),
+                                  strict=True))
 
 
 def cache_bytes(config: ml_collections.ConfigDict, mesh=None, rules=None, *, batch_size: int,
                 capacity: int) -> int:
     """Bytes of one context's KV cache and token metadata on one device."""
     cfg = mot.DecoderConfig.from_config(config)
+    cache = jax.eval_shape(lambda: cache_lib.empty_cache(cfg, batch_size, capacity))
     kv, meta = cache_lib.cache_specs(mesh, rules, batch_size, cfg.num_kv_heads) if mesh \
         is not None else (PartitionSpec(), PartitionSpec())
     shape = _mesh_shape(mesh)
-    kv_shape = (cfg.num_layers, batch_size, capacity, cfg.num_kv_heads, cfg.head_dim)
-    meta_bytes = sum(_shard_bytes((batch_size, capacity), d, meta, shape)
-                     for d in (jnp.int32, jnp.int32, jnp.int32, jnp.bool_))
-    return 2 * _shard_bytes(kv_shape, cfg.compute_dtype, kv, shape) + meta_bytes
+    return (sum(_shard_bytes(x.shape, x.dtype, kv, shape) for x in (cache.k, cache.v)) +
+            sum(_shard_bytes(x.shape, x.dtype, meta, shape) for x in jax.tree.leaves(cache.meta)))
 
 
 def sampling_memory(config: ml_collections.ConfigDict, *, mesh: Mesh | None = None,
@@ -249,11 +243,8 @@ def sampling_memory(config: ml_collections.ConfigDict, *, mesh: Mesh | None = No
         step_chunk = engine.chunk(after, [[item]] * batch_size, latent_grid=grid)[0]
         step_chunk = jax.tree.map(lambda *xs: np.concatenate(xs), *[step_chunk] * copies)
         stacked = _abstract_context(engine, copies * batch_size, chat.capacity).cache
-        rows = PartitionSpec(*cache_lib.cache_specs(mesh, rules, batch_size,
-                                                    engine.model_config.num_kv_heads)[1][:1]) \
-            if mesh is not None else None
-        tokens = _abstract((batch_size, grid[0] * grid[1], engine.token_dim), jnp.float32,
-                           mesh, rows)
+        tokens = jax.ShapeDtypeStruct((batch_size, grid[0] * grid[1], engine.token_dim),
+                                      jnp.float32, sharding=image_lib._rows_sharding(empty))
         scalar = jax.ShapeDtypeStruct((), jnp.float32)
         step = image_lib._denoise_step(engine, batch_size, guidance if copies > 1 else None)
         with engine.scope():
@@ -270,29 +261,15 @@ def sampling_memory(config: ml_collections.ConfigDict, *, mesh: Mesh | None = No
                   caches=caches, phases=tuple(phases))
 
 
-def _abstract(shape, dtype, mesh, spec) -> jax.ShapeDtypeStruct:
-    if mesh is None:
-        return jax.ShapeDtypeStruct(shape, dtype)
-    return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, spec))
-
-
 def _abstract_context(engine: cache_lib.Engine, batch_size: int,
                       capacity: int) -> cache_lib.Context:
     """An empty Context whose cache is ShapeDtypeStructs placed as `Context.empty` places it."""
-    cfg = engine.model_config
-    shape = (cfg.num_layers, batch_size, capacity, cfg.num_kv_heads, cfg.head_dim)
+    cache = jax.eval_shape(lambda: cache_lib.empty_cache(engine.model_config, batch_size,
+                                                          capacity))
     where = engine.cache_shardings(batch_size)
-    meta_shape = (batch_size, capacity)
-    sds = lambda s, d, w: jax.ShapeDtypeStruct(s, d, sharding=w) if w is not None else \
-        jax.ShapeDtypeStruct(s, d)
-    m = where.meta if where is not None else TokenMeta(None, None, None, None)
-    cache = cache_lib.KVCache(
-        k=sds(shape, cfg.compute_dtype, where.k if where else None),
-        v=sds(shape, cfg.compute_dtype, where.v if where else None),
-        meta=TokenMeta(doc_id=sds(meta_shape, jnp.int32, m.doc_id),
-                       order=sds(meta_shape, jnp.int32, m.order),
-                       split_id=sds(meta_shape, jnp.int32, m.split_id),
-                       noisy=sds(meta_shape, jnp.bool_, m.noisy)))
+    if where is not None:
+        cache = jax.tree.map(lambda x, w: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=w),
+                             cache, where)
     zeros = np.zeros(batch_size, np.int64)
     return cache_lib.Context(cache, 0, zeros, zeros.copy(), zeros.copy())
 
