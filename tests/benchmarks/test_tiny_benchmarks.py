@@ -83,3 +83,18 @@ def test_sample_memory_rows_are_consistent(tmp_path, capsys):
         assert rows[(one, "none", mode)]["phases"] == []
     assert rows[(one, "none", "edit")]["context_tokens"] > rows[(one, "none", "t2i")][
         "context_tokens"]
+
+
+def test_convert_memory_reports_both_ways(tmp_path, capsys):
+    """benchmarks/convert_memory.py on the tiny official layout: one row, a size, and a peak
+    for each way that is the command's own (the test process holds far more)."""
+    from benchmarks import convert_memory
+
+    convert_memory.main(["--dims=tiny", f"--dir={tmp_path}", "--free_source"])
+    row = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| tiny")]
+    assert len(row) == 1
+    cells = [c.strip() for c in row[0].strip("|").split("|")]
+    assert float(cells[1]) > 0
+    peaks = [float(c.split()[0]) for c in cells[3:5]]
+    assert all(0 < p < 2000 for p in peaks), row
+    assert not (tmp_path / "tiny").exists()  # the scratch directory is emptied

@@ -34,7 +34,6 @@ RELEASED_MODEL = {
                 num_res_blocks=2, norm_groups=32, norm_eps=1e-6, scaling_factor=0.3611,
                 shift_factor=0.1159, sample_posterior=True),
     "max_latent_size": 64, "latent_patch_size": 2, "latent_channels": 16}
-FLUX_DIMS = dict(ae_ch=128, ae_mult=(1, 2, 4, 4), ae_blocks=2, z=16)
 
 
 def _released_config() -> ml_collections.ConfigDict:
@@ -72,9 +71,7 @@ def test_released_state_dict_is_what_the_model_maps_to():
     dim = config.model.llm.hidden_size
     for key, side in layout.table_sides(config).items():
         official[layout.EMA][key] = (side * side, dim)
-    dims = {**official_layout.TINY, **FLUX_DIMS, "vocab": 152064, "hidden": 3584, "layers": 28,
-            "heads": 28, "kv_heads": 4, "inter": 18944, "vit_hidden": 1152, "vit_layers": 26,
-            "vit_heads": 16, "vit_inter": 4304, "patch": 14, "vit_side": 70, "latent_side": 64}
+    dims = official_layout.RELEASED
     assert official[layout.EMA] == official_layout.ema_shapes(dims)
     assert official[layout.AE] == official_layout.ae_shapes(dims)
     assert len(official[layout.EMA]) == 1223 and len(official[layout.AE]) == 244

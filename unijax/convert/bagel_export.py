@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import sys
 import tempfile
 
 import jax
@@ -36,8 +37,21 @@ READ_BUDGET = 256 * 2**20
 
 
 def peak_rss_mib() -> float:
-    """This process's peak resident memory so far, MiB (`resource.getrusage`)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    """This program's peak resident memory so far, MiB.
+
+    Linux: /proc/self/status VmHWM, the high-water mark of this program's own address space.
+    Not `getrusage`: its ru_maxrss survives fork and exec, so a converter started by a process
+    of 3 GB would report at least 3 GB. Elsewhere getrusage (KiB on Linux, bytes on macOS).
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    scale = 2**20 if sys.platform == "darwin" else 2**10
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
 
 
 def representable(config) -> list[str]:
