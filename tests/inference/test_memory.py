@@ -64,6 +64,7 @@ def test_cache_bytes_are_an_empty_contexts_shards(sharded, rows):
 @pytest.mark.parametrize("mode", memory.MODES)
 def test_report_compiles_each_phase_and_adds_up(mode):
     config = helpers.config()
+    config.sample.t2i.text_scale = 4.0  # guided (BAGEL's), whatever the tiny config samples
     mesh = _mesh(fsdp=2, tensor=2)
     one = memory.sampling_memory(config, mode=mode, image_size=32, prompt_tokens=8,
                                  capacity=256)
