@@ -28,9 +28,8 @@ from tests.convert import official_layout  # noqa: E402
 
 DIMS = {
     "released": official_layout.RELEASED,
-    # The slow test's checkpoint (tests/convert/test_bagel_memory.py): 1.9 GB.
-    "big": dict(vocab=32768, hidden=1024, layers=30, heads=8, kv_heads=2, inter=4096),
-    "half": dict(vocab=32768, hidden=1024, layers=15, heads=8, kv_heads=2, inter=4096),
+    "big": official_layout.BIG,  # the slow test's (tests/convert/test_bagel_memory.py)
+    "half": {**official_layout.BIG, "layers": 15},
     "tiny": official_layout.TINY,  # seconds: the smoke test's
 }
 
@@ -63,8 +62,7 @@ def main(argv=None) -> None:
         src = official_layout.write_official(os.path.join(root, "official"), DIMS[name],
                                              tokenizer=False, value=official_layout.fast_value)
         write_s = time.perf_counter() - start
-        size = sum(os.path.getsize(os.path.join(src, f))
-                   for f in ("ema.safetensors", "ae.safetensors")) / 2**20
+        size = official_layout.weight_mib(src)
         dst = os.path.join(root, "unijax")
         peak, seconds = _convert(f"--src={src}", f"--dst={dst}")
         if args.free_source:

@@ -77,7 +77,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.worlds.shapes_train = 20_000
     # Text-to-image without guidance: this model's conditional prediction is too weak for
     # BAGEL's 4.0 (it amplifies "fewer objects" into empty canvases). Measured on the main
-    # job's final EMA (benchmarks/RESULTS.md, "main job"), 64 prompts per category: shapes
+    # job's final EMA (benchmarks/RESULTS.md, "Guidance sweep"), 64 prompts per category: shapes
     # overall 0.01 with guidance 4.0 on (0.4, 1], 0.05 with 1.25 or 1.5, 0.06 without.
     c.sample.t2i.text_scale = 1.0
     # The judges score what the untrained and the final model draw and answer (report.json):

@@ -31,6 +31,10 @@ RELEASED = {**TINY, "vocab": 152064, "hidden": 3584, "layers": 28, "heads": 28, 
             "inter": 18944, "vit_hidden": 1152, "vit_layers": 26, "vit_heads": 16,
             "vit_inter": 4304, "patch": 14, "vit_side": 70, "latent_side": 64,
             "ae_ch": 128, "ae_mult": (1, 2, 4, 4), "ae_blocks": 2, "z": 16}
+# A 1.8 GiB checkpoint (30 MoT layers of width 1024, MLP 4096, a 32k vocabulary): the
+# streaming tests' and benchmarks/convert_memory.py's.
+BIG = {**TINY, "vocab": 32768, "hidden": 1024, "layers": 30, "heads": 8, "kv_heads": 2,
+       "inter": 4096}
 SPECIAL = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>")
 
 
@@ -165,6 +169,12 @@ def fast_value(name: str, shape, dtype, seed: int) -> np.ndarray:
         return random_value(name, shape, dtype, seed)
     rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
     return rng.integers(0, 2**14, size=shape, dtype=np.uint16).view(ml_dtypes.bfloat16)
+
+
+def weight_mib(directory) -> float:
+    """MiB of a written directory's weight files (ema.safetensors + ae.safetensors)."""
+    return sum(os.path.getsize(os.path.join(directory, f))
+               for f in ("ema.safetensors", "ae.safetensors")) / 2**20
 
 
 def _tokenizer_json(path: str) -> None:

@@ -11,11 +11,8 @@ import numpy as np
 import pytest
 
 from tests.convert import official_layout
-from tests.convert.conftest import run_cli
+from tests.convert.conftest import REPO, run_cli
 from unijax.convert import safetensors_io
-
-# 1.96 GB of bf16 weights: 30 MoT layers of width 1024 (MLP 4096), a 32k vocabulary.
-BIG = dict(vocab=32768, hidden=1024, layers=30, heads=8, kv_heads=2, inter=4096)
 
 
 def _peak_mib(output: str) -> float:
@@ -30,17 +27,15 @@ def test_reported_peak_is_the_programs_own():
     ballast = np.ones(600 * 2**20, np.uint8)  # written: resident in this process
     code = "from unijax.convert.bagel_export import peak_rss_mib; print(peak_rss_mib())"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          check=True, cwd=os.path.dirname(os.path.dirname(os.path.dirname(
-                              os.path.abspath(__file__)))))
+                          check=True, cwd=REPO)
     assert float(done.stdout) < 500, (done.stdout, ballast.nbytes)
 
 
 @pytest.mark.slow
 def test_peak_rss_is_under_one_and_a_half_checkpoints(tmp_path):
-    src = official_layout.write_official(tmp_path / "official", BIG, tokenizer=False,
-                                         value=official_layout.fast_value)
-    size_mib = sum(os.path.getsize(os.path.join(src, f)) for f in
-                   ("ema.safetensors", "ae.safetensors")) / 2**20
+    src = official_layout.write_official(tmp_path / "official", official_layout.BIG,
+                                         tokenizer=False, value=official_layout.fast_value)
+    size_mib = official_layout.weight_mib(src)
     assert size_mib > 1800
     dst = str(tmp_path / "unijax")
     peak = _peak_mib(run_cli(f"--src={src}", f"--dst={dst}"))

@@ -112,9 +112,9 @@ def test_checkpoints_hold_only_the_adapters_and_their_optimizer_state(lora_run, 
 
 def _nbytes(tree) -> int:
     """Bytes of the arrays an Orbax metadata tree describes."""
-    leaves = jax.tree.leaves(tree, is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"))
-    return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in leaves
-               if hasattr(x, "shape") and hasattr(x, "dtype"))
+    is_array = lambda x: hasattr(x, "shape") and hasattr(x, "dtype")
+    return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+               for x in jax.tree.leaves(tree, is_leaf=is_array) if is_array(x))
 
 
 def _plain(tree):
