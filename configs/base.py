@@ -134,6 +134,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.data.worlds.digits_train = 1000
     c.data.worlds.digits_eval = 300
     c.data.worlds.image_size = 32
+    # The shapes train split's kinds per cycle, "kind=count,..." in cycle order ("": the
+    # world's default mix, shapes.DEFAULT_MIX).
+    c.data.worlds.shapes_mix = ""
     c.data.worlds.seed = 0
 
     # --- training ----------------------------------------------------------------------------

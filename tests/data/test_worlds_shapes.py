@@ -1,7 +1,9 @@
 """The shapes world: determinism, schema validity, and pixels exactly matching descriptions."""
 
+import dataclasses
 import json
 
+import ml_collections
 import numpy as np
 import pytest
 
@@ -9,6 +11,7 @@ from unijax.data import records
 from unijax.data.worlds import __main__ as worlds_main
 from unijax.data.worlds import edits, geneval, questions, shapes
 from unijax.data.worlds import scene as scene_lib
+from unijax.data.worlds import shards as shards_lib
 from unijax.evals import shapes_judge
 
 CYCLE = sum(shapes.DEFAULT_MIX.values())
@@ -220,3 +223,33 @@ def test_cli_writes_shards_and_manifest(tmp_path):
     for world in ("shapes", "digits"):
         for name in sorted((tmp_path / "a" / world).iterdir()):
             assert name.read_bytes() == (tmp_path / "b" / world / name.name).read_bytes()
+
+
+def test_mix_sets_the_train_kinds_and_a_bad_mix_names_the_item(tmp_path):
+    assert shapes.parse_mix("") == shapes.DEFAULT_MIX
+    assert list(shapes.parse_mix("t2i=3, vqa=1")) == ["t2i", "vqa"]
+    for bad, match in [("t2i=3,poem=1", "'poem=1'"), ("t2i", "'t2i'"), ("t2i=x", "'t2i=x'"),
+                       ("t2i=1,t2i=2", "twice"), ("t2i=0", "at least one")]:
+        with pytest.raises(ValueError, match=match):
+            shapes.parse_mix(bad)
+    with pytest.raises(ValueError, match="poem"):
+        worlds_main.main([f"--out={tmp_path / 'x'}", "--shapes_mix=poem=1"])
+    assert not (tmp_path / "x").exists()  # nothing written before the check
+    manifest = worlds_main.main([f"--out={tmp_path / 'm'}", "--shapes_train=12",
+                                 "--shapes_eval=13", "--digits_train=3", "--digits_eval=3",
+                                 "--shapes_mix=t2i=3,vqa=1"])
+    shapes_world = manifest["worlds"]["shapes"]
+    assert shapes_world["train"]["kinds"] == {"t2i": 9, "vqa": 3}
+    # The eval split keeps every kind, so held-out metrics still cover all of them.
+    assert set(shapes_world["eval"]["kinds"]) == set(shapes.KINDS)
+    assert manifest["flags"]["shapes_mix"] == "t2i=3,vqa=1"
+    train = [r for name in shapes_world["train"]["shards"]
+             for r in records.read_records(tmp_path / "m" / "shapes" / name)]
+    assert [r["kind"] for r in train[:4]] == ["t2i", "t2i", "t2i", "vqa"]
+    from_config = shards_lib.WorldSettings.from_config(
+        ml_collections.ConfigDict({"shapes_train": 12, "shapes_mix": "t2i=3,vqa=1"}))
+    assert (from_config.shapes_train, from_config.shapes_mix) == (12, "t2i=3,vqa=1")
+    # Another mix is other settings: ensure_worlds rewrites the directory.
+    _, wrote = shards_lib.ensure_worlds(str(tmp_path / "m"), dataclasses.replace(
+        shards_lib.WorldSettings(**manifest["flags"]), shapes_mix="t2i=1"))
+    assert wrote

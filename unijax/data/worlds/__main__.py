@@ -25,9 +25,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
         description="Write the shapes and digits worlds as ArrayRecord shards.")
     parser.add_argument("--out", required=True, help="output directory")
     defaults = shards.WorldSettings()
-    helps = {"image_size": "image side in pixels", "seed": "dataset seed"}
+    helps = {"image_size": "image side in pixels", "seed": "dataset seed",
+             "shapes_mix": 'shapes train kinds per cycle, e.g. "t2i=8,vqa=3" ("": default)'}
     for field in dataclasses.fields(shards.WorldSettings):
-        parser.add_argument(f"--{field.name}", type=int, default=getattr(defaults, field.name),
+        kind = str if field.name == "shapes_mix" else int
+        parser.add_argument(f"--{field.name}", type=kind, default=getattr(defaults, field.name),
                             help=helps.get(field.name, field.name.replace("_", " ") +
                                            " records"))
     args = vars(parser.parse_args(argv))

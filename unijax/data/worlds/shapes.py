@@ -187,6 +187,25 @@ def shapes_record(kind: str, index: int, *, split: str = "train", seed: int = 0,
     return records.make_record(kind, rid, f"shapes/{split}", segments, meta)
 
 
+def parse_mix(spec: str) -> dict[str, int]:
+    """{kind: records per cycle} from "t2i=8,vqa=3,..." in cycle order; "" is DEFAULT_MIX.
+    Kinds left out get no records."""
+    if not spec.strip():
+        return dict(DEFAULT_MIX)
+    mix: dict[str, int] = {}
+    for item in spec.split(","):
+        kind, sep, count = item.strip().partition("=")
+        if not sep or kind not in KINDS or not count.strip().isdigit():
+            raise ValueError(f"shapes mix: {item.strip()!r} in {spec!r} is not kind=count "
+                             f"with kind one of {KINDS}")
+        if kind in mix:
+            raise ValueError(f"shapes mix: {kind!r} appears twice in {spec!r}")
+        mix[kind] = int(count)
+    if not sum(mix.values()):
+        raise ValueError(f"shapes mix must hold at least one record per cycle, got {spec!r}")
+    return mix
+
+
 def generate(count: int, *, split: str = "train", seed: int = 0, image_size: int = 32,
              mix: dict[str, int] | None = None, start: int = 0) -> Iterator[dict]:
     """Records number start .. start + count - 1 of the shapes world, kinds cycling through

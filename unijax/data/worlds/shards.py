@@ -35,7 +35,9 @@ PLACEHOLDER = "{worlds}"
 
 @dataclasses.dataclass(frozen=True)
 class WorldSettings:
-    """Records per world and split, image side in pixels, dataset seed."""
+    """Records per world and split, image side in pixels, dataset seed, and the shapes train
+    split's kinds per cycle (`shapes.parse_mix`; "" is shapes.DEFAULT_MIX, the eval split
+    always uses DEFAULT_MIX so held-out metrics cover every kind)."""
 
     shapes_train: int = 2000
     shapes_eval: int = 260
@@ -44,19 +46,25 @@ class WorldSettings:
     image_size: int = 32
     seed: int = 0
     records_per_shard: int = 1000
+    shapes_mix: str = ""
+
+    def __post_init__(self):
+        shapes.parse_mix(self.shapes_mix)  # a bad mix fails here, before anything is written
 
     @classmethod
     def from_config(cls, worlds: ml_collections.ConfigDict | None) -> WorldSettings:
         """From `config.data.worlds` (missing fields keep their defaults)."""
         if worlds is None:
             return cls()
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: int(v) for k, v in worlds.items() if k in names})
+        types = {f.name: (str if f.type in (str, "str") else int)
+                 for f in dataclasses.fields(cls)}
+        return cls(**{k: types[k](v) for k, v in worlds.items() if k in types})
 
 
 def write_world(out_dir: str, world: str, split: str, count: int, *, seed: int,
-                image_size: int, records_per_shard: int) -> dict:
-    """Writes `count` records of one world's split as shards under out_dir/world/.
+                image_size: int, records_per_shard: int, mix: dict | None = None) -> dict:
+    """Writes `count` records of one world's split as shards under out_dir/world/, kinds
+    cycling through `mix` (None: the world's DEFAULT_MIX).
 
     Returns {"shards": [file names], "records": count, "kinds": {kind: count}}.
     """
@@ -70,7 +78,7 @@ def write_world(out_dir: str, world: str, split: str, count: int, *, seed: int,
         n = min(records_per_shard, count - start)
         name = f"{split}-{shard:05d}-of-{num_shards:05d}.array_record"
         batch = list(GENERATORS[world](n, split=split, seed=seed, image_size=image_size,
-                                       start=start))
+                                       start=start, mix=mix))
         kinds.update(r["kind"] for r in batch)
         records.write_records(os.path.join(out_dir, world, name), batch)
         names.append(name)
@@ -86,7 +94,9 @@ def write_worlds(out_dir: str, settings: WorldSettings) -> dict:
         manifest["worlds"][world] = {
             split: write_world(out_dir, world, split, flags[f"{world}_{split}"],
                                seed=settings.seed, image_size=settings.image_size,
-                               records_per_shard=settings.records_per_shard)
+                               records_per_shard=settings.records_per_shard,
+                               mix=(shapes.parse_mix(settings.shapes_mix)
+                                    if (world, split) == ("shapes", "train") else None))
             for split in ("train", "eval")}
     manifest["seconds"] = round(time.time() - started, 2)
     tmp = os.path.join(out_dir, MANIFEST + ".tmp")
