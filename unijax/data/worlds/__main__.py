@@ -12,7 +12,6 @@ a config's datasets name "{worlds}").
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from collections.abc import Sequence
 
 from unijax.data.worlds import shards
@@ -27,11 +26,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     defaults = shards.WorldSettings()
     helps = {"image_size": "image side in pixels", "seed": "dataset seed",
              "shapes_mix": 'shapes train kinds per cycle, e.g. "t2i=8,vqa=3" ("": default)'}
-    for field in dataclasses.fields(shards.WorldSettings):
-        kind = str if field.name == "shapes_mix" else int
-        parser.add_argument(f"--{field.name}", type=kind, default=getattr(defaults, field.name),
-                            help=helps.get(field.name, field.name.replace("_", " ") +
-                                           " records"))
+    for name, kind in shards.WorldSettings.field_types().items():
+        parser.add_argument(f"--{name}", type=kind, default=getattr(defaults, name),
+                            help=helps.get(name, name.replace("_", " ") + " records"))
     args = vars(parser.parse_args(argv))
     out = args.pop("out")
     manifest = shards.write_worlds(out, shards.WorldSettings(**args))

@@ -52,12 +52,16 @@ class WorldSettings:
         shapes.parse_mix(self.shapes_mix)  # a bad mix fails here, before anything is written
 
     @classmethod
+    def field_types(cls) -> dict[str, type]:
+        """{field name: str or int}, for parsing the settings from configs and flags."""
+        return {f.name: (str if f.type in (str, "str") else int) for f in dataclasses.fields(cls)}
+
+    @classmethod
     def from_config(cls, worlds: ml_collections.ConfigDict | None) -> WorldSettings:
         """From `config.data.worlds` (missing fields keep their defaults)."""
         if worlds is None:
             return cls()
-        types = {f.name: (str if f.type in (str, "str") else int)
-                 for f in dataclasses.fields(cls)}
+        types = cls.field_types()
         return cls(**{k: types[k](v) for k, v in worlds.items() if k in types})
 
 
