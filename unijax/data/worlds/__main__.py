@@ -25,6 +25,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--out", required=True, help="output directory")
     defaults = shards.WorldSettings()
     helps = {"image_size": "image side in pixels", "seed": "dataset seed",
+             "records_per_shard": "records per shard",
              "shapes_mix": 'shapes train kinds per cycle, e.g. "t2i=8,vqa=3" ("": default)'}
     for name, kind in shards.WorldSettings.field_types().items():
         parser.add_argument(f"--{name}", type=kind, default=getattr(defaults, name),
